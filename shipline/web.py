@@ -1,0 +1,124 @@
+"""The public HTTP app: one Flask app factory mounting every service's blueprint.
+
+Shared clients (the Kafka producer, the PostgreSQL pool) are made here, once per process, by
+``create_app`` and handed to blueprints through ``current()``; nothing is created at import.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from shipline.config import Settings
+
+
+@dataclass
+class WebContext:
+    settings: Settings
+    producer: Any  # confluent_kafka.Producer
+    pool: Any  # psycopg_pool.ConnectionPool
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def current() -> WebContext:
+    return current_app.extensions["shipline"]  # type: ignore[no-any-return]
+
+
+def error(status: int, message: str, **extra: Any) -> Response:
+    resp = jsonify({"error": message, **extra})
+    resp.status_code = status
+    return resp
+
+
+def require_admin(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Bearer ``SHIPLINE_ADMIN_TOKEN`` on every management call, compared in constant time."""
+
+    @wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = current().settings.admin_token
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+            return error(401, "missing or wrong bearer token")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def json_body(required: bool = True) -> dict[str, Any]:
+    """The request's JSON object, or an HTTP error the error handler turns into JSON."""
+    from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+
+    raw = request.get_data(cache=True)
+    if not raw and not required:
+        return {}
+    ctype = request.mimetype or ""
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body must be a JSON object")
+    return doc
+
+
+def create_app(settings: Settings, *, producer: Any = None, pool: Any = None) -> Flask:
+    from shipline import health
+
+    app = Flask("shipline")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.config["SECRET_KEY"] = settings.secret_key
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if producer is None:
+        from shipline.kafka import producer as make_producer
+
+        producer = make_producer(settings.bootstrap_servers)
+    if pool is None:
+        from shipline.db import make_pool
+
+        pool = make_pool(settings.db_url, max_size=8)
+    app.extensions["shipline"] = WebContext(settings=settings, producer=producer, pool=pool)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        current_app.logger.exception("unhandled error")
+        return error(500, "internal error")
+
+    app.register_blueprint(health.bp)
+    for mount in _mounts():
+        mount(app)
+    return app
+
+
+def _mounts() -> list[Callable[[Flask], None]]:
+    """Each service's ``mount(app)``: runs migrations it needs and registers its blueprints."""
+    import importlib
+    import importlib.util
+
+    mounts: list[Callable[[Flask], None]] = []
+    for module in ("ingress.web", "projections.api", "outbound.api", "console.views"):
+        if importlib.util.find_spec(module.split(".")[0]) and _exists(module):
+            mounts.append(importlib.import_module(module).mount)
+    return mounts
+
+
+def _exists(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
