@@ -28,7 +28,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SHIPLINE_TOPIC_PREFIX": ("shipline", "prefix of every topic name"),
     "SHIPLINE_PARTITIONS": ("6", "partitions per topic"),
     "SHIPLINE_DB_SCHEMA": ("shipline", "prefix of the PostgreSQL schemas (one per service: <prefix>_ingress, ...)"),
-    "SHIPLINE_ADMIN_TOKEN": ("", "bearer token for the management API and console (generated into the data dir when unset)"),
+    "SHIPLINE_ADMIN_TOKEN": ("", "bearer token for the management API and console (generated when unset)"),
     "SHIPLINE_SECRET_KEY": ("", "Fernet key encrypting HMAC secrets at rest (generated into the data dir when unset)"),
     "GITHUB_WEBHOOK_SECRET": ("", "global secret accepted on POST /api/webhook"),
     "SHIPLINE_MAX_BODY": ("26214400", "largest accepted request body in bytes (25 MB)"),

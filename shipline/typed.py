@@ -54,6 +54,8 @@ def _plan(tp: Any) -> Check:
         return boolean
     if tp is int:
         def integer(v: Any, p: str) -> Any:
+            if type(v) is float and v.is_integer():  # JSON Schema's "integer" admits 1.0
+                v = int(v)
             if type(v) is not int or not INT64[0] <= v <= INT64[1]:
                 raise TypeCheckError(f"{p}: expected 64-bit integer, got {v!r:.40}")
             return v

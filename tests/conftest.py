@@ -40,8 +40,9 @@ def kafka_bootstrap() -> Iterator[str]:
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
     if os.environ.get("SHIPLINE_TEST_MODE") == "containers":
-        from shipline.infra.kafka import KAFKA_VERSION
         from testcontainers.kafka import KafkaContainer
+
+        from shipline.infra.kafka import KAFKA_VERSION
 
         with KafkaContainer(f"apache/kafka:{KAFKA_VERSION}").with_kraft() as kc:
             yield kc.get_bootstrap_server()
