@@ -100,3 +100,12 @@ def dead_letter(p: Producer, topic: str, msg: Message, reason: str, consumer_nam
     ]
     p.produce(topic, key=msg.key(), value=msg.value(), headers=headers)
     p.flush(10)
+
+
+def decode_or_dead_letter(p: Producer, deadletter_topic: str, msg: Message, consumer_name: str) -> Envelope | None:
+    """Decode a consumed record; an invalid one goes to the dead-letter topic (reason in headers)."""
+    try:
+        return codec.decode(msg.value())
+    except codec.InvalidRecord as exc:
+        dead_letter(p, deadletter_topic, msg, exc.reason, consumer_name)
+        return None
