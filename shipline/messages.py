@@ -393,6 +393,20 @@ class SubscriptionDisabled(Message):
     reason: str
 
 
+@event("request.rejected")
+@dataclass(frozen=True)
+class RequestRejected(Message):
+    """A management request streams could not apply (unknown app, nothing to roll back to...).
+
+    Its correlationid is the request's ``request_id``, so a writer waiting for its request sees
+    the refusal instead of waiting forever.
+    """
+
+    request_type: str
+    request_id: str
+    reason: str
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
