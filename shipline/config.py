@@ -17,6 +17,7 @@ from shipline.topics import Topics
 # name -> (default, meaning). A default of "" means "unset".
 VARIABLES: dict[str, tuple[str, str]] = {
     "SHIPLINE_DATA_DIR": (".shipline", "folder holding every piece of local state (log, tables, builds)"),
+    "SHIPLINE_CACHE_DIR": ("", "downloads (Kafka jars) kept between runs (default <SHIPLINE_DATA_DIR>/cache)"),
     "SHIPLINE_HTTP": ("127.0.0.1:8080", "public HTTP address (ingress, read API, console)"),
     "SHIPLINE_PUBLIC_URL": ("", "base URL shown in every URL Shipline prints (default http://<SHIPLINE_HTTP>)"),
     "SHIPLINE_WEB_WORKERS": ("2", "gunicorn workers for the public HTTP port"),
@@ -41,6 +42,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SHIPLINE_RETRY_SCHEDULE": ("5,300,1800,7200,18000,36000,36000", "outbound retry delays in seconds"),
     "SHIPLINE_RETRY_SCALE": ("1", "factor applied to the retry schedule (benchmarks shrink it)"),
     "SHIPLINE_OUTBOUND_TIMEOUT": ("10", "outbound request timeout in seconds"),
+    "SHIPLINE_SECRET_ROTATION": ("86400", "seconds a rotated outbound secret keeps signing next to the new one"),
+    "SHIPLINE_OUTBOUND_DISABLE_AFTER": ("432000", "seconds of unbroken failure after which a subscription is disabled"),
     "SHIPLINE_LOG_LEVEL": ("INFO", "log level of every service"),
 }
 
@@ -53,6 +56,7 @@ def _get(env: Mapping[str, str], name: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
+    cache: str
     http_host: str
     http_port: int
     public_url: str
@@ -99,7 +103,7 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+        return Path(self.cache).resolve() if self.cache else self.data_dir / "cache"
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -113,6 +117,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     public = _get(env, "SHIPLINE_PUBLIC_URL") or f"http://{host}:{port}"
     return Settings(
         data_dir=data_dir,
+        cache=_get(env, "SHIPLINE_CACHE_DIR"),
         http_host=host,
         http_port=int(port),
         public_url=public.rstrip("/"),
@@ -172,3 +177,15 @@ def _generated(data_dir: Path, name: str, make) -> str:  # type: ignore[no-untyp
         pass
     tmp.unlink(missing_ok=True)
     return path.read_text().strip()
+
+
+def markdown_table() -> str:
+    """The README's variable table: ``python -m shipline.config``."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, (default, meaning) in VARIABLES.items():
+        rows.append(f"| `{name}` | {f'`{default}`' if default else '(unset)'} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
