@@ -1,0 +1,63 @@
+"""The one way an inbound request is accepted: dedupe, produce, wait for the ack, then answer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from flask import Response, jsonify, request
+from psycopg_pool import PoolTimeout
+
+from ingress.context import deps
+from ingress.deliveries import records
+from ingress.store import App
+
+log = logging.getLogger("ingress")
+
+
+def duplicate(delivery: str) -> Response:
+    return jsonify({"status": "duplicate", "duplicate": True, "delivery_id": delivery})
+
+
+def accept(
+    apps: list[App],
+    *,
+    delivery: str,
+    source: str,
+    event: str,
+    verification: str,
+    status: str,
+    code: int,
+    hook_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Response, int] | Response:
+    """Publish one ``delivery.received`` per app that has not seen ``delivery`` yet.
+
+    Answers only after Kafka acknowledged every record; a delivery id every app has already
+    accepted answers 200 ``{"duplicate": true}`` and produces nothing.
+    """
+    fresh = [app for app in apps if not app.seen]
+    if not fresh:
+        return duplicate(delivery)
+    envelopes = records(
+        [app.id for app in fresh],
+        delivery=delivery,
+        source=source,
+        route=request.path,
+        event=event,
+        headers=request.headers,
+        raw=request.get_data(cache=True),
+        verification=verification,
+        hook_id=hook_id,
+    )
+    ingress = deps()
+    ingress.send(envelopes)
+    try:
+        ingress.store.record(envelopes)
+    except (psycopg.Error, PoolTimeout) as exc:
+        # The records are durable; only the ingress's own duplicate check misses them (streams
+        # dedupes too), so the sender still gets its 2xx.
+        log.warning("accepted delivery %s but could not note it in the store: %s", delivery, type(exc).__name__)
+    body = {"status": status, "delivery_id": delivery, "app_ids": [app.id for app in fresh], **(extra or {})}
+    return jsonify(body), code

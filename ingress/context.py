@@ -1,0 +1,40 @@
+"""What the ingress views depend on, built once per process by ``ingress.web.mount``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ingress.crypto import SecretBox
+from ingress.store import Store
+from shipline.config import Settings
+from shipline.envelope import Envelope
+from shipline.kafka import send_many_sync
+
+# Under GitHub's 10 s delivery timeout, so a slow broker becomes our 503, not their timeout.
+SEND_TIMEOUT = 8.0
+
+
+@dataclass
+class Ingress:
+    settings: Settings
+    producer: Any  # confluent_kafka.Producer
+    store: Store
+    box: SecretBox
+
+    def send(self, envelopes: list[Envelope]) -> list[tuple[int, int]]:
+        """Produce to the inbound topic and wait for every ack (raises ``NotDurable``)."""
+        return send_many_sync(self.producer, self.settings.topics.inbound, envelopes, SEND_TIMEOUT)
+
+    def position(self, partition_offset: tuple[int, int]) -> str:
+        partition, offset = partition_offset
+        return f"{self.settings.topics.inbound}:{partition}:{offset}"
+
+    def url(self, path: str) -> str:
+        return self.settings.public_url + path
+
+
+def deps() -> Ingress:
+    from shipline.web import current
+
+    return current().extras["ingress"]  # type: ignore[no-any-return]
