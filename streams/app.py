@@ -1,0 +1,167 @@
+"""The Faust app: one deciding agent over ``inbound`` + ``reports``, per-app state in a table.
+
+``create_app(settings)`` builds it (nothing is created at import time). Topics are raw bytes
+on both sides: our codec turns them into envelopes, Faust ``Record``s never touch the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from aiokafka.partitioner import murmur2
+from faust.serializers import codecs
+
+from shipline.config import Settings
+from streams.agent import Sequencer, StateStore, TableStore
+from streams.state import from_json, to_json
+
+log = logging.getLogger("streams")
+
+TABLE = "apps"
+STATE_CODEC = "shipline_app_state"
+BATCH = 500  # records decided per batch (outputs of a batch are sent together, then acked)
+BATCH_WITHIN = 0.01  # seconds a partial batch waits for more records (bounds the added latency)
+
+
+class StateCodec(codecs.Codec):
+    """Table values as our own JSON (``streams.state.to_json``), not pickle or a Faust Record."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return to_json(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return from_json(s)
+
+
+class AppStateTable(faust.Table):
+    """A table whose changelog writes can be awaited: state is saved before inputs are acked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, key_type=bytes, **kwargs)
+        self.value_serializer = STATE_CODEC  # read by the changelog topic, created lazily
+        self._unacked: list[Any] = []
+
+    def partition_for_key(self, key: Any) -> int:
+        """The key's murmur2 partition: the app id's partition in inbound and reports, whichever
+        input the change came from (computed here: the producer may not have the changelog's
+        metadata yet)."""
+        return (murmur2(key) & 0x7FFFFFFF) % self.partitions
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self._unacked.append(fut)
+        return fut
+
+    async def flush_changelog(self) -> None:
+        futures, self._unacked = self._unacked, []
+        if futures:
+            await asyncio.gather(*futures)
+
+
+def _hard_exit(exc: BaseException) -> None:
+    # Raising would let the stream ack the batch (Faust acks a ``take`` batch in a finally):
+    # its offsets could then be committed although its outputs or state are not durable. A
+    # process that dies here is just like a kill -9: the restart replays the batch.
+    log.critical("stopping hard: %s", exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: StateStore | None = None,
+    on_fatal: Callable[[BaseException], None] = _hard_exit,
+) -> faust.App:
+    codecs.register(STATE_CODEC, StateCodec())
+    topics = settings.topics
+    (settings.data_dir / "streams").parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        f"{settings.topic_prefix}-streams",  # consumer group and changelog names: per prefix
+        broker=f"kafka://{settings.bootstrap_servers}",
+        datadir=str(settings.data_dir / "streams"),
+        store="memory://",  # the changelog is the durable copy; recovery rebuilds it on start
+        web_enabled=False,
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,  # topics are ours: created by ensure_topics / ensure_changelog
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        # PROCESSING GUARANTEE: at-least-once with deterministic ids, not Faust's exactly_once.
+        # Every output id, time and sequence number derives from the input record and the state
+        # it is decided from, outputs are acked before the state is saved, the state records the
+        # input offset it applied, and inputs are acked only after both (streams/agent.py): a
+        # replay after a crash re-sends identical records, which every consumer dedupes by id.
+        # exactly_once would need a transactional producer per partition from aiokafka and
+        # read_committed consumers everywhere else (confluent in the ingress, deployer,
+        # projector); its Faust implementation is the least exercised path on a Kafka 4.0
+        # broker, and a stuck transaction would stall every app on that partition.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        broker_session_timeout=10.0,  # a killed worker's apps move to a survivor within ~10 s
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        stream_wait_empty=True,  # on rebalance, finish (and ack) the batch in hand first
+    )
+    table = app.tables.add(
+        AppStateTable(
+            app,
+            name=TABLE,
+            default=None,
+            beacon=app.tables.beacon,
+            partitions=settings.partitions,
+        )
+    )
+    source = app.topic(topics.inbound, topics.reports, key_serializer="raw", value_serializer="raw")
+
+    async def send(topic: str, key: bytes | None, value: bytes, headers: Any) -> Any:
+        return await app.producer.send(topic, key, value, None, None, headers)
+
+    sequencer = Sequencer(topics, store or TableStore(table), send)
+    app.sequencer = sequencer  # type: ignore[attr-defined]  # for tests and the benchmark
+
+    @app.agent(source, name="decide")
+    async def decide_agent(stream: Any) -> None:
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
+            recovery = app.tables.recovery
+            if not recovery.completed.is_set():  # Faust pauses inputs until then; be sure
+                await recovery.completed.wait()
+            try:
+                await sequencer.handle([e.message for e in events])
+            except BaseException as exc:  # never let the batch be acked (see _hard_exit)
+                on_fatal(exc)
+                raise
+
+    return app
+
+
+def changelog_topic(app: faust.App) -> str:
+    return str(app.tables[TABLE].changelog_topic.get_topic_name())
+
+
+def ensure_changelog(settings: Settings, app: faust.App, timeout: float = 60.0) -> None:
+    """Create the table's compacted changelog topic (broker auto-creation is off)."""
+    import time
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = changelog_topic(app)
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    deadline = time.monotonic() + timeout
+    while name not in admin.list_topics(timeout=10).topics:
+        fut = admin.create_topics(
+            [NewTopic(name, num_partitions=settings.partitions, replication_factor=1,
+                      config={"cleanup.policy": "compact"})]
+        )[name]
+        try:
+            fut.result(timeout=30)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc) and time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
