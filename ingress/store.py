@@ -19,6 +19,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ingress.repos import normalise
+from ingress.validation import storable
 from shipline import messages as m
 from shipline.db import migrate, validate_schema
 from shipline.envelope import Envelope
@@ -130,6 +131,8 @@ class Store:
     # ------------------------------------------------------------------------------- reads
 
     def _one(self, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        if not all(_storable(v) for v in params.values()):
+            return None  # a key PostgreSQL cannot even hold matches no row
         with self.pool.connection() as conn:
             return conn.execute(query, params).fetchone()  # type: ignore[arg-type]
 
@@ -138,6 +141,9 @@ class Store:
         return App(*row) if row else None
 
     def apps_by_repo(self, keys: list[str], delivery_id: str) -> list[App]:
+        keys = [k for k in keys if storable(k)]
+        if not keys:
+            return []
         with self.pool.connection() as conn:
             rows = conn.execute(self._by_repo, {"keys": keys, "delivery": delivery_id}).fetchall()  # type: ignore[arg-type]
         return [App(*row) for row in rows]
@@ -274,6 +280,10 @@ class Store:
                 f"UPDATE {self._s}.webhook_tokens SET last_used_at = %s::timestamptz WHERE app_id = %s",  # type: ignore[arg-type]
                 (msg.received_at, msg.app_id),
             )
+
+
+def _storable(value: Any) -> bool:
+    return not isinstance(value, str) or storable(value)
 
 
 def _repo_key(repo_url: str | None) -> str | None:

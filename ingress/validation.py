@@ -18,6 +18,17 @@ STRATEGIES = ("docker", "process")
 BUILD_KEYS = ("dockerfile", "context", "test_command")
 
 
+def storable(text: str) -> bool:
+    """Text PostgreSQL and UTF-8 can hold: no NUL, no lone surrogate (JSON allows both)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Invalid(ValueError):
     """A request body field is missing or malformed."""
 
@@ -31,8 +42,8 @@ def _text(doc: dict[str, Any], field: str, *, pattern: re.Pattern[str] | None = 
     value = doc[field]
     if not isinstance(value, str) or not value:
         raise Invalid(field, f"field '{field}' must be a non-empty string")
-    if len(value) > limit or "\x00" in value:
-        raise Invalid(field, f"field '{field}' is longer than {limit} characters or holds a NUL")
+    if len(value) > limit or not storable(value):
+        raise Invalid(field, f"field '{field}' is longer than {limit} characters or not valid text")
     if pattern is not None and not pattern.match(value):
         raise Invalid(field, f"field '{field}' is malformed: {value[:80]!r}")
     return value
@@ -160,7 +171,7 @@ def job_environment(doc: dict[str, Any]) -> dict[str, str]:
         name, val = item.get("name"), item.get("value")
         if not isinstance(name, str) or not ENV_NAME.match(name):
             raise Invalid(f"{where}.name", f"'{where}.name' must be an environment variable name")
-        if not isinstance(val, str) or "\x00" in val:
+        if not isinstance(val, str) or not storable(val):
             raise Invalid(f"{where}.value", f"'{where}.value' must be a string")
         env[name] = val
     return env

@@ -40,7 +40,8 @@ def test_per_app_route_push_ping_events_and_rejections(ingress):  # noqa: F811
     (env,) = ingress.deliveries()
     record: DeliveryReceived = env.data  # type: ignore[assignment]
     assert env.key == str(app["id"]).encode() and record.app_id == app["id"]
-    assert (record.delivery_id, record.source, record.event, record.verification) == (delivery, "github", "push", "hmac")
+    assert (record.delivery_id, record.source, record.event, record.verification) == (
+        delivery, "github", "push", "hmac")
     assert record.route == path and record.body_encoding == "utf8"
     assert record.body.encode() == raw  # the exact raw body: the signature re-verifies
     assert record.headers["X-Hub-Signature-256"] == sign(secret, record.body.encode())
