@@ -1,0 +1,38 @@
+"""The dispatcher's knobs, read from ``Settings`` once (services never read the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shipline.config import VARIABLES, Settings
+
+
+def _setting(settings: Settings, name: str) -> str:
+    value = settings.env.get(name, "")
+    return value if value != "" else VARIABLES[name][0]
+
+
+@dataclass(frozen=True)
+class Options:
+    timeout: float
+    schedule: tuple[float, ...]  # retry delays in seconds, already multiplied by the scale
+    rotation: float  # seconds a rotated secret keeps signing
+    disable_after: float  # seconds of unbroken failure before a subscription is disabled
+    workers: int = 32  # sender threads, shared by every subscription
+    per_endpoint: int = 8  # concurrent requests to one subscription at most
+    jitter: float = 0.2  # +-20 %
+    max_retry_after: float = 86400.0  # a Retry-After longer than this is capped
+
+
+def from_settings(settings: Settings, **overrides: object) -> Options:
+    opts = Options(
+        timeout=settings.outbound_timeout,
+        schedule=tuple(d * settings.retry_scale for d in settings.retry_schedule),
+        rotation=float(_setting(settings, "SHIPLINE_SECRET_ROTATION")),
+        disable_after=float(_setting(settings, "SHIPLINE_OUTBOUND_DISABLE_AFTER")),
+    )
+    if overrides:
+        import dataclasses
+
+        opts = dataclasses.replace(opts, **overrides)  # type: ignore[arg-type]
+    return opts
