@@ -17,7 +17,7 @@ from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
 
 from shipline.config import Settings
-from streams.agent import Sequencer, StateStore, TableStore
+from streams.agent import Send, Sequencer, StateStore, TableStore
 from streams.state import from_json, to_json
 
 log = logging.getLogger("streams")
@@ -76,8 +76,12 @@ def create_app(
     settings: Settings,
     *,
     store: StateStore | None = None,
+    send: Send | None = None,
     on_fatal: Callable[[BaseException], None] = _hard_exit,
+    await_recovery: bool = True,
 ) -> faust.App:
+    """The streams app. ``store``/``send`` replace the table and producer (agent unit tests run
+    it under Faust's ``test_context()``, where nothing is started and nothing recovers)."""
     codecs.register(STATE_CODEC, StateCodec())
     topics = settings.topics
     (settings.data_dir / "streams").parent.mkdir(parents=True, exist_ok=True)
@@ -119,18 +123,18 @@ def create_app(
     )
     source = app.topic(topics.inbound, topics.reports, key_serializer="raw", value_serializer="raw")
 
-    async def send(topic: str, key: bytes | None, value: bytes, headers: Any) -> Any:
+    async def produce(topic: str, key: bytes | None, value: bytes, headers: Any) -> Any:
         return await app.producer.send(topic, key, value, None, None, headers)
 
-    sequencer = Sequencer(topics, store or TableStore(table), send)
+    sequencer = Sequencer(topics, store or TableStore(table), send or produce)
     app.sequencer = sequencer  # type: ignore[attr-defined]  # for tests and the benchmark
 
     @app.agent(source, name="decide")
     async def decide_agent(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
             recovery = app.tables.recovery
-            if not recovery.completed.is_set():  # Faust pauses inputs until then; be sure
-                await recovery.completed.wait()
+            if await_recovery and not recovery.completed.is_set():  # Faust pauses inputs until
+                await recovery.completed.wait()  # the table is recovered anyway; be sure
             try:
                 await sequencer.handle([e.message for e in events])
             except BaseException as exc:  # never let the batch be acked (see _hard_exit)

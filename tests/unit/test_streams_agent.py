@@ -1,0 +1,124 @@
+"""The deciding agent under Faust's test_context(), with the table and producer injected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shipline import codec
+from shipline.config import load
+from shipline.envelope import wrap
+from shipline.messages import DeliveryReceived, RegisterApp
+from shipline.topics import Topics
+from streams.agent import Fatal, MemoryStore, Sequencer
+from streams.app import StateCodec, create_app
+from streams.state import AppState
+
+pytestmark = pytest.mark.unit
+
+
+class Recorder:
+    """A producer stand-in: records what was sent, acks at once (or fails when told to)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes, Any]] = []
+        self.fail = fail
+
+    async def __call__(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        if self.fail:
+            fut.set_exception(RuntimeError("broker gone"))
+        else:
+            self.sent.append((topic, key, value, headers))
+            fut.set_result(None)
+        return fut
+
+    def on(self, topic: str) -> list[tuple[str, bytes | None, bytes, Any]]:
+        return [s for s in self.sent if s[0] == topic]
+
+
+def register(app_id: int) -> bytes:
+    return codec.encode(wrap(RegisterApp(app_id=app_id, name=f"a{app_id}", namespace="n", repo_url="file:///r",
+                                         request_id=f"r{app_id}"), source="t"))
+
+
+def push(app_id: int, delivery_id: str) -> bytes:
+    body = json.dumps({"ref": "refs/heads/main", "after": "a" * 40,
+                       "head_commit": {"id": "a" * 40, "message": "m", "author": {"name": "n"}}})
+    return codec.encode(wrap(DeliveryReceived(app_id=app_id, delivery_id=delivery_id, source="github", route="/",
+                                              event="push", headers={}, body=body, body_encoding="utf8",
+                                              verification="hmac", received_at="2026-01-01T00:00:00Z"), source="t"))
+
+
+async def until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_agent_decides_sequences_and_dead_letters_under_test_context(tmp_path: Path) -> None:
+    settings = load({"SHIPLINE_DATA_DIR": str(tmp_path), "SHIPLINE_ADMIN_TOKEN": "x", "SHIPLINE_SECRET_KEY": "x",
+                     "SHIPLINE_TOPIC_PREFIX": "unit"})
+    sent, store, fatal = Recorder(), MemoryStore(), []
+
+    async def scenario() -> None:
+        app = create_app(settings, store=store, send=sent, on_fatal=fatal.append, await_recovery=False)
+        misplaced = register(6)
+        async with app.agents["decide"].test_context() as agent:
+            await agent.put(register(5), key=b"5")
+            await agent.put(b"not json at all", key=b"5")
+            await agent.put(misplaced, key=b"5")  # wrong key: its state lives elsewhere
+            await agent.put(push(5, "d1"), key=b"5")
+            await agent.put(push(5, "d1"), key=b"5")  # redelivery
+            await until(lambda: len(sent.on("unit.events")) >= 4)
+        events = [codec.decode(v) for _, _, v, _ in sent.on("unit.events")]
+        assert [e.type for e in events] == ["app.registered", "delivery.accepted", "build.queued",
+                                            "delivery.duplicate"]
+        assert [e.sequence for e in events] == [1, 2, 3, 4]
+        assert [codec.decode(v).type for _, _, v, _ in sent.on("unit.commands")] == ["build.image"]
+        dead = sent.on("unit.deadletter")
+        assert [d[2] for d in dead] == [b"not json at all", misplaced]
+        reasons = [dict(d[3])["x-shipline-reason"].decode() for d in dead]
+        assert "not JSON" in reasons[0] and "not the app id" in reasons[1]
+        assert store.states[b"5"].builds == 1 and store.states[b"5"].sequence == 4
+        assert fatal == []
+
+    asyncio.run(scenario())
+
+
+class Msg:
+    def __init__(self, topic: str, offset: int, key: bytes, value: bytes) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = topic, 0, offset, key, value
+
+
+def test_outputs_not_acked_means_no_state_is_saved() -> None:
+    topics = Topics("u")
+    store = MemoryStore()
+    seq = Sequencer(topics, store, Recorder(fail=True))
+    with pytest.raises(Fatal):
+        asyncio.run(seq.handle([Msg(topics.inbound, 0, b"5", register(5))]))
+    assert store.states == {}  # a restart replays the record from the old state
+
+
+def test_a_batch_saves_each_app_once_with_the_offsets_it_applied() -> None:
+    topics = Topics("u")
+    store, sent = MemoryStore(), Recorder()
+    seq = Sequencer(topics, store, sent)
+    asyncio.run(seq.handle([Msg(topics.inbound, 10, b"5", register(5)), Msg(topics.inbound, 11, b"5", push(5, "x")),
+                            Msg(topics.inbound, 3, b"6", register(6))]))
+    assert store.states[b"5"].positions == {"inbound": 11} and store.states[b"6"].positions == {"inbound": 3}
+    before = len(sent.sent)
+    asyncio.run(seq.handle([Msg(topics.inbound, 11, b"5", push(5, "x"))]))  # replayed after a crash
+    assert len(sent.sent) == before
+
+
+def test_table_values_are_our_json() -> None:
+    state = AppState(app_id=3, sequence=9, positions={"inbound": 4})
+    raw = StateCodec()._dumps(state)
+    assert json.loads(raw)["sequence"] == 9
+    assert StateCodec()._loads(raw) == state
