@@ -116,6 +116,7 @@ def render_config(state: ProxyState, *, stats_socket: Path) -> str:
         "    stats timeout 1m",
         "    hard-stop-after 60s",
         "    maxconn 8192",
+        "    noreuseport",  # a stale HAProxy on our port makes start-up fail instead of sharing traffic
         "",
         "defaults",
         "    mode http",

@@ -66,9 +66,9 @@ def engine_client(base_url: str, timeout: float = 120) -> docker.DockerClient:
     return docker.DockerClient(base_url=base_url, timeout=int(timeout))
 
 
-def _answers(base_url: str) -> docker.DockerClient | None:
+def _answers(base_url: str, client_timeout: float = 120) -> docker.DockerClient | None:
     try:
-        client = engine_client(base_url)
+        client = engine_client(base_url, client_timeout)
         client.ping()
         return client
     except (DockerException, OSError):
@@ -105,15 +105,21 @@ def dockerd_command(data_dir: Path, socket: str = DEFAULT_SOCKET) -> list[str]:
     ]
 
 
-def ensure_engine(data_dir: str | Path, docker_host: str = "", timeout: float = 60) -> docker.DockerClient:
-    """A client of a Docker engine that answers, starting a local ``dockerd`` when needed."""
+def ensure_engine(
+    data_dir: str | Path, docker_host: str = "", timeout: float = 60, client_timeout: float = 120
+) -> docker.DockerClient:
+    """A client of a Docker engine that answers, starting a local ``dockerd`` when needed.
+
+    ``timeout`` bounds the wait for a started engine; ``client_timeout`` is the client's HTTP read
+    timeout (builds stream for long silent stretches: give them more).
+    """
     if docker_host:
-        client = _answers(docker_host)
+        client = _answers(docker_host, client_timeout)
         if client is None:
             raise EngineUnavailable(f"DOCKER_HOST={docker_host} does not answer")
         return client
     url = f"unix://{DEFAULT_SOCKET}"
-    client = _answers(url)
+    client = _answers(url, client_timeout)
     if client is not None:
         return client
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
@@ -123,7 +129,7 @@ def ensure_engine(data_dir: str | Path, docker_host: str = "", timeout: float = 
         )
     data_dir = Path(data_dir).resolve()
     with _lock(Path("/run/shipline-dockerd.lock")):
-        client = _answers(url)  # someone else may have started it while we waited
+        client = _answers(url, client_timeout)  # someone else may have started it while we waited
         if client is not None:
             return client
         EXEC_ROOT.mkdir(parents=True, exist_ok=True)
@@ -142,7 +148,7 @@ def ensure_engine(data_dir: str | Path, docker_host: str = "", timeout: float = 
         log.info("started dockerd (pid %s), log %s", proc.pid, logs / "dockerd.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            client = _answers(url)
+            client = _answers(url, client_timeout)
             if client is not None:
                 return client
             if proc.poll() is not None:
