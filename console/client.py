@@ -371,8 +371,22 @@ class OutboundDelivery:
     created_at: str | None
     next_attempt_at: str | None
     last_status_code: int | None
+    last_error: str | None
     correlation_id: str | None
     attempt_log: list[Attempt] = field(default_factory=list)
+
+    @property
+    def moving(self) -> bool:
+        """Pending with its next attempt due within half a minute: worth watching closely."""
+        if self.status not in RUNNING:
+            return False
+        from datetime import UTC, datetime
+
+        try:
+            due = datetime.fromisoformat(str(self.next_attempt_at).replace("Z", "+00:00"))
+        except ValueError:
+            return True
+        return (due - datetime.now(UTC)).total_seconds() < 30
 
     @classmethod
     def of(cls, row: Mapping[str, Any], attempt_log: list[Attempt] | None = None) -> OutboundDelivery:
@@ -384,13 +398,14 @@ class OutboundDelivery:
         return cls(
             id=str(_pick(row, "id", "delivery_id")),
             subscription_id=str(_pick(row, "subscription_id", default="")),
-            event_type=str(_pick(row, "event_type", "event", "type", default="")),
+            event_type=str(_pick(row, "event_name", "event_type", "event", "type", default="")),
             event_id=_pick(row, "event_id"),
             status=str(_pick(row, "status", "state", default="")),
             attempts=int(attempts),
             created_at=_pick(row, "created_at", "queued_at"),
             next_attempt_at=_pick(row, "next_attempt_at"),
-            last_status_code=_pick(row, "last_status_code", "response_status"),
+            last_status_code=_pick(row, "last_status", "last_status_code", "response_status"),
+            last_error=_pick(row, "last_error"),
             correlation_id=_pick(row, "correlation_id"),
             attempt_log=log,
         )

@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from console import auth
-from console.client import RUNNING, Api, ApiError, InProcess, OverHttp
+from console.client import Api, ApiError, InProcess, OverHttp
 from shipline.config import Settings
 
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates",
@@ -279,7 +279,7 @@ def _outbound(client: Api, app_id: int) -> list[tuple[Any, list[Any]]]:
 
 
 def _outbound_running(app_id: int, subscriptions: list[tuple[Any, list[Any]]]) -> bool:
-    return _pending(app_id) or any(d.status in RUNNING for _, sent in subscriptions for d in sent)
+    return _pending(app_id) or any(d.moving for _, sent in subscriptions for d in sent)
 
 
 @bp.post("/outbound/<delivery_id>/redeliver")

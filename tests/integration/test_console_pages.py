@@ -303,3 +303,92 @@ def test_an_api_refusal_is_shown_not_a_crash(stack, settings) -> None:
     assert "not found" in follow.text or "no app" in follow.text
     resp = client.post("/console/apps/987654/rollback/1", data={"csrf_token": csrf_of(page.text)})
     assert resp.status_code == 404 and "text/html" in resp.headers["Content-Type"]
+
+
+class Receiver:
+    """A subscriber endpoint that answers 200 with a short body and records what it got."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.got: list[dict[str, str]] = []
+        got = self.got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                got.append(dict(self.headers))
+                body = b"thanks from the receiver"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+
+def test_outbound_attempts_and_redeliver(stack, settings) -> None:
+    from outbound.dispatcher import Dispatcher
+
+    app, log = stack["app"], stack["log"]
+    stop = threading.Event()
+    dispatcher = threading.Thread(target=Dispatcher(settings).run, args=(stop,), daemon=True)
+    dispatcher.start()
+    receiver = Receiver()
+    try:
+        client = signed_in(app, settings)
+        app_id = register(client, settings, "shop-hooks")["id"]
+        resp = api(client, settings, "POST", f"/api/v1/apps/{app_id}/subscriptions",
+                   json={"url": receiver.url, "events": ["deployed"], "description": "ops receiver"})
+        assert resp.status_code == 201, resp.text
+        # streams would turn the request into subscription.created: emulate it from the request record
+        request = wait_until("the subscription request", lambda: [
+            e for e in inbound_requests(settings, "subscription.create") if e.app_id == app_id])[0].data
+        deploy_story(log, app_id, "shop-hooks", str(uuid.uuid4()))
+        # deploy_story published r1/r2 before the subscription existed; this deploy is after it
+        log.publish(m.SubscriptionCreated(app_id=app_id, subscription_id=request.subscription_id, url=request.url,
+                                          events=request.events, secret_encrypted=request.secret_encrypted,
+                                          description=request.description), correlation=str(uuid.uuid4()))
+        cause = str(uuid.uuid4())
+        log.publish(m.DeployRequested(app_id=app_id, revision=3, image="registry.example.com/acme/shop:v3",
+                                      commit="c3" * 20, trigger="manual", cause=cause),
+                    m.Deployed(app_id=app_id, revision=3, image="registry.example.com/acme/shop:v3",
+                               commit="c3" * 20, instances=[], duration=0.5, url="http://127.0.0.1:18000/"),
+                    correlation=cause)
+        wait_until("the first delivery", lambda: receiver.got, 60)
+
+        def outbound_row() -> str | None:
+            page = client.get(f"/console/apps/{app_id}/deliveries").text
+            found = re.search(r'<tr data-outbound-id="([^"]+)" data-attempts="(\d+)">(.*?)</tr>', page, re.S)
+            return found if found and found.group(2) != "0" else None
+
+        found = wait_until("the attempt in the console", outbound_row)
+        page = client.get(f"/console/apps/{app_id}/deliveries").text
+        assert receiver.url in page and "ops receiver" in page
+        delivery_id, row = found.group(1), found.group(3)
+        assert "deployed" in row and 'data-status="succeeded"' in row
+        assert 'data-status="200"' in row and " ms" in row and "thanks from the receiver" in row
+        assert 'class="redeliver"' in row
+
+        resp = client.post(f"/console/outbound/{delivery_id}/redeliver",
+                           data={"csrf_token": csrf_of(page), "app_id": str(app_id)})
+        assert resp.status_code == 303
+        assert resp.headers["Location"] == f"/console/apps/{app_id}/deliveries#outbound"
+        assert "Redelivery of" in client.get(resp.headers["Location"]).text
+        wait_until("the second attempt in the console", lambda: f'data-outbound-id="{delivery_id}" data-attempts="2"'
+                   in client.get(f"/console/apps/{app_id}/deliveries/outbound").text)
+        assert len(receiver.got) == 2
+        assert receiver.got[0]["X-Shipline-Delivery"] == receiver.got[1]["X-Shipline-Delivery"]
+
+        # the deploy's timeline ends with what was sent to the subscriber
+        timeline = client.get(f"/console/timeline/{cause}").text
+        assert 'data-stage="sent"' in timeline and delivery_id in timeline
+    finally:
+        stop.set()
+        dispatcher.join(30)
+        receiver.server.shutdown()
