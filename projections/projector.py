@@ -98,7 +98,15 @@ class Projector:
         self._reject_to = producer
         self._connect()
         consumer = kafka.consumer(
-            self.settings.bootstrap_servers, self.group, [self.topic], **{"fetch.wait.max.ms": 100}
+            self.settings.bootstrap_servers,
+            self.group,
+            [self.topic],
+            **{
+                "fetch.wait.max.ms": 100,
+                # a member killed with -9 holds its partitions until its session expires: keep it short
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 2000,
+            },
         )
         consumer.subscribe(
             [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
