@@ -152,17 +152,21 @@ def cmd_app_history(args: argparse.Namespace, api: Api) -> int:
 
 
 def _settled(api: Api, app: dict[str, Any], written: dict[str, Any], wait: bool) -> dict[str, Any] | None:
-    """The newest release once the write's request id is folded (read your writes), or None."""
-    if not wait or not written.get("request_id"):
+    """The release this write caused, once its request id is folded (read your writes), or None."""
+    request_id = written.get("request_id")
+    if not wait or not request_id:
         return None
     resp = api.call(
-        "GET", f"/api/v1/apps/{app['id']}/history", params={"limit": 1},
-        headers={"X-Shipline-After": written["request_id"]},
+        "GET", f"/api/v1/apps/{app['id']}/history", params={"limit": 20},
+        headers={"X-Shipline-After": request_id},
     )
-    if resp.headers.get("X-Shipline-Stale") == "true":
-        return None
-    items = resp.json()
-    return items[0] if items else None
+    release = next((r for r in resp.json() if r["correlation_id"] == request_id), None)
+    if release is None and resp.headers.get("X-Shipline-Stale") != "true":
+        chain = api.json("GET", "/api/v1/audit", params={"correlation_id": request_id})
+        for event in chain["events"]:
+            if event["type"] == "request.rejected":
+                raise CliError(f"refused: {event['data'].get('reason')} (request {request_id})")
+    return release
 
 
 def cmd_app_rollback(args: argparse.Namespace, api: Api) -> int:
@@ -170,7 +174,7 @@ def cmd_app_rollback(args: argparse.Namespace, api: Api) -> int:
     body = {} if args.revision is None else {"revision": args.revision}
     written = api.json("POST", f"/api/v1/apps/{app['id']}/rollback", body=body)
     release = _settled(api, app, written, not args.no_wait)
-    if release is not None and release["trigger"] == "rollback":
+    if release is not None:
         text = f"✔ Rolled back {app['name']} to revision #{release['revision']} ({release['image']})"
     else:
         target = f"revision #{args.revision}" if args.revision else "the previous revision"
@@ -184,7 +188,7 @@ def cmd_app_deploy(args: argparse.Namespace, api: Api) -> int:
     body = {"image": args.image} if args.image else {"commit": args.commit}
     written = api.json("POST", f"/api/v1/apps/{app['id']}/deploy", body=body)
     release = _settled(api, app, written, not args.no_wait)
-    if release is not None and release["trigger"] == "manual":
+    if release is not None:
         text = f"✔ Deploying {app['name']} revision #{release['revision']} ({release['image'] or release['commit']})"
     else:
         text = f"✔ Deploy of {app['name']} requested (request {written.get('request_id')})"
