@@ -47,6 +47,7 @@ def mount(app: Flask) -> None:
     app.jinja_env.filters.setdefault("when", when)
     app.jinja_env.filters.setdefault("ago", ago)
     app.jinja_env.filters.setdefault("short", short)
+    app.jinja_env.filters.setdefault("image_label", image_label)
     app.register_blueprint(bp)
 
 
@@ -154,14 +155,15 @@ def _app_state(app_id: int, after: str | None = None) -> dict[str, Any]:
     builds = client.builds(app_id)
     running = [r for r in history if r.running]
     building = [b for b in builds if b.running]
+    pending = _pending(app_id, history[0].revision if history else 0)
     return {
         "app": app,
         "history": history,
         "builds": builds,
         "deploying": running,
         "building": building,
-        "pending": _pending(app_id),
-        "running": bool(running or building or _pending(app_id)),
+        "pending": pending,
+        "running": bool(running or building or pending),
     }
 
 
@@ -181,8 +183,9 @@ def build_live(app_id: int, number: int) -> str:
 def rollback(app_id: int, revision: int) -> Response | str:
     client = api()
     if request.method == "POST":
+        newest = client.history(app_id, limit=1)
         written = client.rollback(app_id, revision)
-        _mark_pending(app_id)
+        _mark_pending(app_id, newest[0].revision if newest else 0)
         flash(f"Rollback to revision {revision} requested: the new revision appears below as it rolls out.", "ok")
         return redirect(url_for("console.app_page", app_id=app_id, after=written.request_id), 303)
     app = client.app(app_id)
@@ -279,15 +282,13 @@ def _outbound(client: Api, app_id: int) -> list[tuple[Any, list[Any]]]:
 
 
 def _outbound_running(app_id: int, subscriptions: list[tuple[Any, list[Any]]]) -> bool:
-    return _pending(app_id) or any(d.moving for _, sent in subscriptions for d in sent)
+    return any(d.moving for _, sent in subscriptions for d in sent)
 
 
 @bp.post("/outbound/<delivery_id>/redeliver")
 def redeliver(delivery_id: str) -> Response:
     app_id = request.form.get("app_id", type=int)
-    api().redeliver(delivery_id)
-    if app_id is not None:
-        _mark_pending(app_id)
+    api().redeliver(delivery_id)  # pending again and due now: the page polls fast until it is sent
     flash(f"Redelivery of {delivery_id} queued: its new attempt appears below.", "ok")
     if app_id is None:
         return redirect(url_for("console.apps"), 303)
@@ -308,17 +309,26 @@ def timeline(correlation_id: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _mark_pending(app_id: int) -> None:
-    pending = dict(session.get(PENDING) or {})
+def _mark_pending(app_id: int, newest: int) -> None:
+    """A deploy was asked for while ``newest`` was the app's newest revision: watch for a newer one."""
     now = time.time()
-    pending = {k: v for k, v in pending.items() if now - float(v) < PENDING_FOR}
-    pending[str(app_id)] = now
+    pending = {k: v for k, v in (session.get(PENDING) or {}).items() if now - float(v[0]) < PENDING_FOR}
+    pending[str(app_id)] = [now, newest]
     session[PENDING] = pending
 
 
-def _pending(app_id: int) -> bool:
-    started = (session.get(PENDING) or {}).get(str(app_id))
-    return started is not None and time.time() - float(started) < PENDING_FOR
+def _pending(app_id: int, newest: int) -> bool:
+    """Still waiting for the revision asked for here to appear (for at most ``PENDING_FOR`` s)?"""
+    pending = dict(session.get(PENDING) or {})
+    entry = pending.get(str(app_id))
+    if not entry:
+        return False
+    started, baseline = entry
+    if newest > int(baseline) or time.time() - float(started) >= PENDING_FOR:
+        del pending[str(app_id)]
+        session[PENDING] = pending
+        return False
+    return True
 
 
 def _parse(value: Any) -> datetime | None:
@@ -353,3 +363,13 @@ def ago(value: Any) -> str:
 
 def short(value: Any, n: int = 7) -> str:
     return str(value)[:n] if value else ""
+
+
+def image_label(value: Any, width: int = 48) -> str:
+    """An image reference short enough for a table cell (the full one goes in a title attribute)."""
+    text = str(value or "")
+    if text.startswith("process:") and "/" in text:
+        return "process:…/" + text.rstrip("/").rsplit("/", 1)[-1]
+    if len(text) <= width:
+        return text
+    return text[: width // 2 - 1] + "…" + text[-(width // 2):]
