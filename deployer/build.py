@@ -126,6 +126,8 @@ def detect_template(src: Path) -> str:
 
 def generate_dockerfile(template: str, app: dict[str, Any]) -> str:
     """The Dockerfile for a repo that has none (see the module docstring)."""
+    if template not in TEMPLATES:
+        raise BuildFailed(f"unknown build template {template!r} (known: {', '.join(TEMPLATES)})")
     build = app.get("build") or {}
     base = build.get("base_image") or DEFAULT_BASES[template]
     command = app.get("command")
@@ -158,6 +160,20 @@ def generate_dockerfile(template: str, app: dict[str, Any]) -> str:
             f'CMD ["sh", "-c", {_json_str(cmd)}]\n'
         )
     raise BuildFailed(f"unknown build template {template!r} (known: {', '.join(TEMPLATES)})")
+
+
+def base_images(dockerfile: str) -> list[tuple[str, str]]:
+    """(image, stage name) of every FROM line (``--platform`` flags skipped, ARGs not expanded)."""
+    out = []
+    for line in dockerfile.splitlines():
+        words = line.strip().split()
+        if not words or words[0].upper() != "FROM":
+            continue
+        words = [w for w in words[1:] if not w.startswith("--")]
+        if words:
+            stage = words[2] if len(words) >= 3 and words[1].upper() == "AS" else ""
+            out.append((words[0], stage))
+    return out
 
 
 def _json_str(s: str) -> str:
@@ -346,6 +362,7 @@ class Builder:
     def _docker_build(self, context: Path, dockerfile: Path, tag: str, app: dict[str, Any], build: int,
                       sha: str, log: BuildLog) -> str:
         client = self.client
+        self._check_bases(client, dockerfile, log)
         log(f"$ docker build -t {tag} -f {dockerfile.name} {context.name}")
         chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
         labels = {"shipline.app": str(app.get("app_id", "")), "shipline.build": str(build), "shipline.commit": sha}
@@ -388,6 +405,23 @@ class Builder:
             image_id = str(client.images.get(tag).id)
         log(f"built image {image_id} tagged {tag}")
         return image_id
+
+    def _check_bases(self, client: Any, dockerfile: Path, log: BuildLog) -> None:
+        """Every FROM image must exist locally: nothing is pulled (no registry is reachable from here,
+        and a pull attempt would send traffic off the machine)."""
+        stages: set[str] = set()
+        for image, stage in base_images(dockerfile.read_text(errors="replace")):
+            if image.lower() != "scratch" and image not in stages:
+                try:
+                    client.images.get(image)
+                except Exception as exc:  # noqa: BLE001 - ImageNotFound, or a malformed reference
+                    raise BuildFailed(
+                        f"base image {image} is not available locally and no registry is reachable: "
+                        f"load it with 'docker load' or set build.base_image to a local image"
+                    ) from exc
+            if stage:
+                stages.add(stage)
+        log("base images present locally")
 
     def _test(self, app: dict[str, Any], log: BuildLog, *, image: str | None = None, cwd: Path | None = None) -> None:
         test = (app.get("build") or {}).get("test_command")

@@ -148,6 +148,13 @@ def render_config(state: ProxyState, *, stats_socket: Path) -> str:
     return "\n".join(lines)
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _short(path: Path, name: str) -> Path:
     """Unix socket paths are limited to ~107 bytes: fall back to /run for deep data dirs."""
     candidate = path / name
@@ -228,12 +235,7 @@ class Proxy:
             return None
         except PermissionError:
             return pid
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return None
-        except OSError:
-            return None
-        return pid
+        return pid if _state(pid) not in ("", "Z") else None
 
     def running(self) -> bool:
         if self.master_pid() is None:
@@ -253,7 +255,32 @@ class Proxy:
             raise ProxyError(f"generated haproxy config is invalid: {check.stderr.strip() or check.stdout.strip()}")
         os.replace(tmp, self.config)
 
+    def _strays(self) -> list[int]:
+        """Masters of an HAProxy started on our config file that we lost track of (pidfile gone)."""
+        found = []
+        mine = str(self.config)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode(errors="replace") for a in argv if a]
+            if args and args[0].endswith("haproxy") and "-sf" not in args and mine in args:
+                found.append(int(entry.name))
+        return found
+
     def _start(self, state: ProxyState, timeout: float = 20) -> None:
+        strays = self._strays()
+        for pid in strays:
+            log.warning("stopping a stray haproxy (pid %s) on %s", pid, self.config)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while strays and time.monotonic() < deadline:
+            strays = [p for p in strays if Path(f"/proc/{p}").exists() and _state(p) != "Z"]
+            time.sleep(0.05)
         self._write_config(state)
         for sock in (self.master_socket, self.stats_socket):
             with contextlib.suppress(FileNotFoundError):

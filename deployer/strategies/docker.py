@@ -58,12 +58,8 @@ class DockerStrategy:
         if commit and app.get("repo_url"):
             log(f"image {image} is gone: rebuilding it from commit {commit}")
             return self.rebuild(app, commit, image, log)
-        log(f"image {image} is not on this engine: pulling it")
-        try:
-            self.client.images.pull(image)
-            return image
-        except DockerException as exc:
-            raise StartFailed(f"image {image} is not available and cannot be pulled: {exc}") from exc
+        # never pulled: no registry is reachable from here, and a lookup would leave 127.0.0.1
+        raise StartFailed(f"image {image} is not on this engine and the app has no repository to rebuild it from")
 
     # ------------------------------------------------------------------------- instances
 

@@ -1,0 +1,279 @@
+"""The deployer's pure parts and local pieces: proxy config, Dockerfile generation, tags, the
+store, the port allocator, health probes, process instances and jobs (no Kafka, no Docker)."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deployer.build import (
+    BuildFailed,
+    _inside,
+    base_images,
+    clone,
+    detect_template,
+    generate_dockerfile,
+    image_tag,
+    sanitize,
+)
+from deployer.health import probe, wait_healthy
+from deployer.ports import PortAllocator, port_is_free
+from deployer.proxy import AppProxy, ProxyState, Slot, render_config
+from deployer.rollout import _app_of
+from deployer.service import outcome_message, report
+from deployer.store import Instance, Release, Rollout, Store
+from deployer.strategies import app_env, scope_of
+from deployer.strategies.process import ProcessStrategy
+from shipline import codec
+from shipline.envelope import derive_id, wrap
+from shipline.messages import Deployed, DeployFailed, DeployRelease
+
+pytestmark = pytest.mark.unit
+
+
+# ------------------------------------------------------------------------------------ proxy
+
+
+def test_proxy_config_has_one_frontend_per_app_on_its_stable_port_and_slots_in_their_state() -> None:
+    state = ProxyState({
+        3: AppProxy(3, 8003, [Slot("s1", port=20001, weight=100, state="ready", instance="a"),
+                              Slot("s2", port=20002, weight=40, state="drain", instance="b"), Slot("s3")]),
+        1: AppProxy(1, 8001, [Slot("s1")]),
+    })
+    cfg = render_config(state, stats_socket=Path("/x/stats.sock"))
+    assert "master-worker" in cfg and "expose-fd listeners" in cfg
+    assert cfg.index("frontend app_1") < cfg.index("frontend app_3")
+    assert "bind 127.0.0.1:8003" in cfg and "bind 127.0.0.1:8001" in cfg
+    assert "server s1 127.0.0.1:20001 weight 100\n" in cfg
+    assert "server s2 127.0.0.1:20002 weight 0\n" in cfg  # draining: no new traffic after a reload
+    assert "server s3 127.0.0.1:1 weight 0 disabled" in cfg
+    assert "retry-on conn-failure empty-response" in cfg and "option redispatch" in cfg
+    assert ProxyState.from_json(state.to_json()) == state
+
+
+def test_generated_haproxy_config_is_valid_for_the_real_haproxy(tmp_path: Path) -> None:
+    state = ProxyState({5: AppProxy(5, 18005, [Slot("s1", port=21000, weight=100, state="ready", instance="i"),
+                                               Slot("s2")])})
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(render_config(state, stats_socket=tmp_path / "s.sock"))
+    out = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+def test_image_tags_are_app_name_build_and_short_sha() -> None:
+    assert image_tag({"name": "My App!"}, 12, "abcdef0123456789") == "my-app:12-abcdef0"
+    assert image_tag({"app_id": 4}, 1, "0" * 40) == "app-4:1-0000000"
+    assert sanitize("__") == "app"
+
+
+def test_template_detection(tmp_path: Path) -> None:
+    assert detect_template(tmp_path) == "static"
+    (tmp_path / "app.py").write_text("")
+    assert detect_template(tmp_path) == "python"
+    (tmp_path / "package.json").write_text("{}")
+    assert detect_template(tmp_path) == "node"
+
+
+def test_generated_dockerfiles() -> None:
+    static = generate_dockerfile("static", {})
+    assert static.startswith("FROM shipline/busybox:latest\n") and "httpd -f -p ${PORT" in static
+    python = generate_dockerfile("python", {"command": "gunicorn app:app"})
+    assert "FROM python:3.11-slim" in python and "requirements.txt" in python and '"gunicorn app:app"' in python
+    node = generate_dockerfile("node", {"build": {"base_image": "local/node:20"}})
+    assert node.startswith("FROM local/node:20\n") and "npm ci" in node and '"npm start"' in node
+    with pytest.raises(BuildFailed):
+        generate_dockerfile("cobol", {})
+
+
+def test_base_images_of_a_dockerfile() -> None:
+    text = "FROM --platform=linux/amd64 node:20 AS deps\nRUN x\nfrom deps\nFROM scratch\n"
+    assert base_images(text) == [("node:20", "deps"), ("deps", ""), ("scratch", "")]
+
+
+def test_dockerfile_and_context_paths_cannot_leave_the_repository(tmp_path: Path) -> None:
+    assert _inside(tmp_path, "sub/Dockerfile") == (tmp_path / "sub/Dockerfile").resolve()
+    with pytest.raises(BuildFailed):
+        _inside(tmp_path, "../../etc/passwd")
+
+
+def _git_repo(path: Path, files: dict[str, str]) -> str:
+    path.mkdir(parents=True)
+    run = lambda *a: subprocess.run(["git", "-C", str(path), *a], check=True, capture_output=True, text=True)  # noqa: E731
+    run("init", "-q", "-b", "main")
+    run("config", "user.email", "t@example.com")
+    run("config", "user.name", "t")
+    for name, text in files.items():
+        (path / name).write_text(text)
+    run("add", ".")
+    run("commit", "-q", "-m", "c")
+    return run("rev-parse", "HEAD").stdout.strip()
+
+
+def test_clone_checks_out_the_exact_commit_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    first = _git_repo(tmp_path / "repo", {"v": "1"})
+    (tmp_path / "repo" / "v").write_text("2")
+    subprocess.run(["git", "-C", str(tmp_path / "repo"), "commit", "-qam", "two"], check=True)
+    lines: list[str] = []
+    sha = clone(f"file://{tmp_path / 'repo'}", first, tmp_path / "out", lines.append, threading.Event())
+    assert sha == first and (tmp_path / "out" / "v").read_text() == "1"
+    with pytest.raises(BuildFailed):
+        clone(f"file://{tmp_path / 'repo'}", "f" * 40, tmp_path / "out2", lines.append, threading.Event())
+
+
+# ------------------------------------------------------------------------------------ store
+
+
+def test_store_records_completion_with_reports_and_ends_the_rollout_atomically(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    inst = Instance("i1", "process", 20001, 2, "process:/x", pid=5, starttime=9, slot="s1")
+    r = Rollout(7, "cmd-1", "corr", 2, "process:/x", "abc", "process", "starting", [inst], [], {"name": "a"}, 1.0)
+    store.save_rollout(r)
+    assert store.rollout(7) == r
+    store.switch_release(r, Release(7, 2, "process:/x", "abc", "process", [inst], {"name": "a"}))
+    assert store.rollout(7).phase == "draining"  # type: ignore[union-attr]
+    assert store.release(7).instances == [inst]  # type: ignore[union-attr]
+    assert store.completed("cmd-1") is None
+    store.complete("cmd-1", 7, "deploy.release", [b'{"x":1}'], drop_rollout=True)
+    assert store.completed("cmd-1") == [b'{"x":1}']
+    assert store.rollout(7) is None
+    store.complete("cmd-1", 7, "deploy.release", [b'{"y":2}'])  # a second completion changes nothing
+    assert store.completed("cmd-1") == [b'{"x":1}']
+
+
+def test_store_lists_images_newest_first(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    for b in (1, 3, 2):
+        store.add_image(1, b, f"a:{b}-0000000", f"id{b}", "c")
+    assert [i[0] for i in store.images(1)] == [3, 2, 1]
+    store.forget_image(1, "a:3-0000000")
+    assert [i[0] for i in store.images(1)] == [2, 1]
+
+
+# ------------------------------------------------------------------------------------ ports
+
+
+def test_port_allocator_hands_out_distinct_free_ports_and_remembers_owners(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    lo = busy.getsockname()[1]
+    alloc = PortAllocator(tmp_path, (lo, lo + 7))
+    given = []
+    with pytest.raises(RuntimeError, match="no free port"):
+        for n in range(9):
+            given.append(alloc.allocate(f"i{n}"))
+    assert given and len(set(given)) == len(given) and lo not in given  # the busy one is skipped
+    assert alloc.allocate("i0") == given[0]  # same owner, same port
+    alloc.release_owner("i0")
+    assert given[0] not in alloc.allocated()
+    assert PortAllocator(tmp_path, (lo, lo + 7)).allocated() == {p: f"i{n}" for n, p in enumerate(given) if n}
+    busy.close()
+    assert port_is_free(lo)
+
+
+# ----------------------------------------------------------------------------------- health
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200 if self.path == "/up" else 500)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_health_probe_and_wait() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert probe(port, "/up")[0]
+        ok, why = probe(port, "/down")
+        assert not ok and "500" in why
+        stop = threading.Event()
+        assert wait_healthy(port, "/up", interval=0.1, timeout=5, alive=lambda: (True, ""), stop=stop) == (True, "")
+        ok, why = wait_healthy(port, "/down", interval=0.1, timeout=0.5, alive=lambda: (True, ""), stop=stop)
+        assert not ok and "not healthy within" in why
+        ok, why = wait_healthy(port, "/up", interval=0.1, timeout=5, alive=lambda: (False, "exited 3"), stop=stop)
+        assert (ok, why) == (False, "exited 3")
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------------------------- process
+
+
+def test_process_instance_gets_port_and_env_and_is_found_again_after_a_restart(tmp_path: Path) -> None:
+    www = tmp_path / "rel"
+    www.mkdir()
+    (www / "index.html").write_text("hello")
+    scope = scope_of(tmp_path)
+    strat = ProcessStrategy(tmp_path, scope, rebuild=lambda *a: "")
+    app = {"app_id": 3, "command": "exec busybox httpd -f -p 127.0.0.1:$PORT -h .", "env": {"X": "1"}}
+    alloc = PortAllocator(tmp_path, (20000, 29999))
+    port = alloc.allocate("i")
+    inst = strat.start(app, f"process:{www}", 1, f"sl-{scope}-a3-r1-1-ab", port, {}, lambda line: None)
+    try:
+        ok, _ = wait_healthy(port, "/index.html", interval=0.1, timeout=30, alive=lambda: strat.alive(inst),
+                             stop=threading.Event())
+        assert ok
+        # a fresh strategy object (a restarted deployer) finds the process by its environment
+        again = ProcessStrategy(tmp_path, scope, rebuild=lambda *a: "").running_ids()
+        assert set(again) == {inst.id} and again[inst.id].pid == inst.pid  # type: ignore[union-attr]
+        assert ProcessStrategy(tmp_path, "other", rebuild=lambda *a: "").running_ids() == {}
+    finally:
+        strat.stop(inst, timeout=5)
+    assert not strat.alive(inst)[0]
+    assert not probe(port, "/index.html")[0]
+
+
+def test_process_job_runs_to_completion_with_env_and_exit_code(tmp_path: Path) -> None:
+    strat = ProcessStrategy(tmp_path, scope_of(tmp_path), rebuild=lambda *a: "")
+    app = {"app_id": 3, "command": 'echo "greeting=$GREETING"; exit 4'}
+    code, text = strat.run_job(app, "", 1, {"GREETING": "hi"}, tmp_path / "job.log", threading.Event())
+    assert code == 4 and "greeting=hi" in text
+
+
+def test_process_job_is_cancelled_by_stop(tmp_path: Path) -> None:
+    strat = ProcessStrategy(tmp_path, scope_of(tmp_path), rebuild=lambda *a: "")
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    code, text = strat.run_job({"app_id": 1, "command": "sleep 30"}, "", 2, {}, tmp_path / "j.log", stop)
+    assert code == 143 and "cancelled" in text and time.monotonic() - started < 10
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+def test_reports_have_deterministic_ids_and_carry_the_command_correlation() -> None:
+    cmd = wrap(DeployRelease(app_id=4, revision=2, image="a:1-abcdef0", commit="c", app={}), source="streams",
+               correlationid="delivery-9")
+    from deployer.rollout import Outcome
+
+    ok = outcome_message(4, Outcome(True, 2, "a:1-abcdef0", "c", [Instance("i", "docker", 20001, 2, "a")],
+                                    duration=1.23456, url="http://127.0.0.1:8004"), "a", "c")
+    assert isinstance(ok, Deployed) and ok.instances == ["127.0.0.1:20001"] and ok.url == "http://127.0.0.1:8004"
+    failed = outcome_message(4, Outcome(False, 2, step="health", reason="timeout"), "a", "c")
+    assert isinstance(failed, DeployFailed) and (failed.step, failed.reason) == ("health", "timeout")
+    env = report(cmd, ok)
+    assert env.id == derive_id(cmd.id, "deployed") == report(cmd, ok).id
+    assert env.correlationid == "delivery-9" and env.causationid == cmd.id and env.source == "shipline/deployer"
+    assert codec.decode(codec.encode(env), strict=True).data == ok
+
+
+def test_instance_ids_name_their_app_and_env_shapes() -> None:
+    assert _app_of("sl-1234abcd-a42-r3-1-beef") == 42
+    assert _app_of("nothing") is None
+    assert app_env({"env": {"A": 1}}) == {"A": "1"}
+    assert app_env({"env": [{"name": "B", "value": "2"}]}) == {"B": "2"}
