@@ -2,10 +2,12 @@
 
 A *lane* is one (subscription, app): its deliveries go strictly in event order, one at a time, so
 event n+1 is not sent before n succeeded or was given up. Lanes are independent: the scheduler
-hands ready lanes to a fixed pool of sender threads, never more than ``per_endpoint`` of one
-subscription at once, so a slow or hanging endpoint ties up at most that many senders and delays
-nobody else. A lane whose head waits for a retry takes no thread at all; it sleeps in a heap until
-its ``next_attempt_at``, which is in PostgreSQL, so a restart resumes exactly there.
+hands ready lanes to a fixed pool of sender threads. An *endpoint* is a URL (many subscriptions,
+one per app, often share one); at most ``per_endpoint`` lanes send to one endpoint at once, and a
+lane that finds its endpoint full parks without holding a thread, so a slow or hanging endpoint
+ties up at most that many senders and delays nobody else. A lane whose head waits for a retry
+takes no thread at all; it sleeps in a heap until its ``next_attempt_at``, which is in
+PostgreSQL, so a restart resumes exactly there.
 
 Failures are written synchronously (the next attempt time is durable before the lane sleeps);
 successes go through a writer that batches them every few milliseconds. Until a success is written
@@ -46,6 +48,7 @@ class LaneState:
     parked: bool = False
     dirty: bool = False
     wake_at: float | None = None
+    endpoint: str | None = None  # set while the lane holds a slot of that endpoint
     unflushed: set[str] = field(default_factory=set)
 
 
@@ -57,13 +60,22 @@ class _Yield:
     pass
 
 
+class _Parked:
+    pass
+
+
 @dataclass(frozen=True)
 class _Wait:
     at: float
 
 
-IDLE, YIELD = _Idle(), _Yield()
-Result = _Idle | _Yield | _Wait
+IDLE, YIELD, PARKED = _Idle(), _Yield(), _Parked()
+Result = _Idle | _Yield | _Wait | _Parked
+
+
+def endpoint_of(url: str) -> str:
+    """Requests to the same URL share one endpoint limit, whichever subscriptions (apps) they serve."""
+    return url
 
 
 class Sender:
@@ -89,7 +101,7 @@ class Sender:
         self._ready: deque[LaneState] = deque()
         self._heap: list[tuple[float, int, LaneState]] = []
         self._counter = 0
-        self._active: Counter[str] = Counter()
+        self._active: Counter[str] = Counter()  # endpoint -> lanes holding one of its slots
         self._parked: dict[str, deque[LaneState]] = {}
         self._disabled_at: dict[str, float] = {}
         self._work: queue.Queue[LaneState | None] = queue.Queue()
@@ -195,17 +207,22 @@ class Sender:
                 self._cond.wait(max(0.001, wait))
 
     def _dispatch(self, lane: LaneState) -> None:
-        sid = lane.key[0]
         if lane.running:
             lane.dirty = True
             return
-        if self._active[sid] >= self.opts.per_endpoint:
-            lane.parked = True
-            self._parked.setdefault(sid, deque()).append(lane)
-            return
         lane.running = True
-        self._active[sid] += 1
         self._work.put(lane)
+
+    def _take_slot(self, lane: LaneState, endpoint: str) -> bool:
+        """Hold one of the endpoint's slots, or park the lane until one frees (False)."""
+        with self._cond:
+            if self._active[endpoint] >= self.opts.per_endpoint:
+                lane.parked = True
+                self._parked.setdefault(endpoint, deque()).append(lane)
+                return False
+            self._active[endpoint] += 1
+            lane.endpoint = endpoint
+            return True
 
     def _rescan(self) -> None:
         try:
@@ -247,27 +264,34 @@ class Sender:
             self._finished(lane, result)
 
     def _finished(self, lane: LaneState, result: Result) -> None:
-        sid = lane.key[0]
         with self._cond:
             lane.running = False
-            self._active[sid] -= 1
+            endpoint, lane.endpoint = lane.endpoint, None
+            if endpoint is not None:
+                self._active[endpoint] -= 1
+                self._release(endpoint)
             if isinstance(result, _Wait):
                 self._wake_at(lane, result.at)
             elif isinstance(result, _Yield):
                 self._make_ready(lane)
-            if lane.dirty:
+            if lane.dirty and not lane.parked:
                 lane.dirty = False
                 self._make_ready(lane)
-            parked = self._parked.get(sid)
-            free = self.opts.per_endpoint - self._active[sid]
-            while parked and free > 0:  # a freed slot: let waiting lanes of this subscription compete again
-                waiting = parked.popleft()
-                waiting.parked = False
-                self._make_ready(waiting)
-                free -= 1
-            if parked is not None and not parked:
-                del self._parked[sid]
             self._cond.notify()
+
+    def _release(self, endpoint: str) -> None:
+        """A slot of ``endpoint`` freed: let as many parked lanes as there are free slots try again."""
+        parked = self._parked.get(endpoint)
+        free = self.opts.per_endpoint - self._active[endpoint]
+        while parked and free > 0:
+            waiting = parked.popleft()
+            waiting.parked = False
+            self._make_ready(waiting)
+            free -= 1
+        if parked is not None and not parked:
+            del self._parked[endpoint]
+        if not self._active[endpoint]:
+            del self._active[endpoint]
 
     def _secrets(self, sub: SendingSubscription) -> list[str]:
         tokens = [sub.secret_encrypted]
@@ -286,6 +310,8 @@ class Sender:
         sub = self.store.sending_subscription(sid)
         if sub is None or not sub.active:
             return IDLE
+        if not self._take_slot(lane, endpoint_of(sub.url)):
+            return PARKED
         try:
             secrets: list[str] | None = self._secrets(sub)
         except ValueError:
