@@ -40,9 +40,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since", required=True, help="RFC 3339 time or epoch seconds")
     p.set_defaults(func=lambda a: _call("POST", f"/api/v1/subscriptions/{a.id}/recover", {"since": _num(a.since)}))
 
-    dels = subparsers.add_parser("deliveries", help="outbound deliveries and their attempts")
-    d = dels.add_subparsers(dest="action", required=True)
-    p = d.add_parser("list", help="a subscription's deliveries, newest first")
+    # `shipline deliveries` alone lists inbound deliveries (projections.cli); these are its subcommands
+    # for outbound deliveries, so both families share one word as the issues name them.
+    dels = subparsers.choices.get("deliveries") or subparsers.add_parser(
+        "deliveries", help="inbound deliveries; outbound deliveries and their attempts")
+    d = dels.add_subparsers(dest="action", required=False)
+    p = d.add_parser("list", help="a subscription's outbound deliveries, newest first")
     p.add_argument("subscription")
     p.add_argument("--status", choices=["pending", "succeeded", "failed"])
     p.set_defaults(func=lambda a: _call("GET", f"/api/v1/subscriptions/{a.subscription}/deliveries",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,9 +15,17 @@ import requests
 from tests.conftest import CACHE, ROOT, free_port
 
 
+def stack_dir() -> Path:
+    """A data dir outside pytest's tmp tree: pytest resets its base to mode 0700 at every session
+    start, which would lock out PostgreSQL's unprivileged user when sessions overlap."""
+    path = Path(tempfile.mkdtemp(prefix="shipline-e2e-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
 class Stack:
-    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir or stack_dir() / "data"
         self.http_port = free_port()
         self.env = {
             **os.environ,
@@ -48,6 +58,11 @@ class Stack:
         result = self.cli("down", timeout=60)
         assert result.returncode == 0, result.stderr
         return time.monotonic() - t0
+
+    def remove(self) -> None:
+        """Stop the stack if it runs and delete its data dir."""
+        self.cli("down", timeout=60)
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
     def log_tail(self, n: int = 80) -> str:
         log = self.data_dir / "run" / "stack.log"

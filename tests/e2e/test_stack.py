@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "data")
+def stack() -> Iterator[Stack]:
+    s = Stack()
     yield s
-    s.cli("down", timeout=60)
+    s.remove()
 
 
 def test_up_ready_stop_within_10s_and_restart_keeps_the_log(stack: Stack) -> None:
