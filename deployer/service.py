@@ -26,10 +26,14 @@ by ``Rollouts.recover`` when a deployer starts (see ``deployer.rollout``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,14 +310,26 @@ class DeployerService:
                     return False
 
     def run(self) -> int:
+        with member_slot(Path(self.settings.data_dir)) as member:
+            return self._run(member)
+
+    def _run(self, member: str) -> int:
         recovered = self.deployer.recover()
         if recovered and not self._publish_until_acked(recovered):
             return 0
         consumer = kafka.consumer(
             self.settings.bootstrap_servers, f"{self.settings.topic_prefix}-deployer", [self.topics.commands],
-            **{"max.poll.interval.ms": 3_600_000},  # a build may take long; one command at a time
+            **{
+                "max.poll.interval.ms": 3_600_000,  # a build may take long; one command at a time
+                # Static membership: a deployer restarted after a crash rejoins as the same member and
+                # gets its partitions back at once, instead of after the dead member's session expires.
+                "group.instance.id": member,
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+            },
         )
-        log.info("deployer consuming %s (proxy ports from %s)", self.topics.commands, self.settings.proxy_port)
+        log.info("deployer %s consuming %s (proxy ports from %s)", member, self.topics.commands,
+                 self.settings.proxy_port)
         try:
             while not self.stop.is_set():
                 msg = consumer.poll(0.5)
@@ -352,6 +368,32 @@ class DeployerService:
             kafka.dead_letter(self.producer, self.topics.deadletter, msg, f"{exc.__class__.__name__}: {exc}", CONSUMER)
             return True
         return self._publish_until_acked(reports)
+
+
+@contextlib.contextmanager
+def member_slot(data_dir: Path) -> Iterator[str]:
+    """A stable consumer-group member id for this process: ``deployer-<host>-<scope>-<n>``.
+
+    ``n`` is the first of ``<data_dir>/deployer/member-<n>.lock`` this process can lock: a deployer
+    restarted after a crash (its lock died with it) gets the same ``n`` back, while deployers
+    running side by side on one machine get different ones.
+    """
+    folder = data_dir / "deployer"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        fd = os.open(folder / f"member-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            n += 1
+            continue
+        try:
+            yield f"deployer-{socket.gethostname()}-{scope_of(data_dir)}-{n}"
+        finally:
+            os.close(fd)
+        return
 
 
 def main(settings: Settings, stop: threading.Event) -> int:
