@@ -8,6 +8,7 @@ never a build or a deploy.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -58,8 +59,14 @@ class Dispatcher:
 
     def run(self, stop: threading.Event) -> int:
         """Consume until ``stop``; returns 0, or 1 when a worker thread died."""
-        consumer = kafka.consumer(self.settings.bootstrap_servers, f"{self.settings.topic_prefix}-dispatcher",
-                                  [self.topic], **{"partition.assignment.strategy": "range"})
+        group = f"{self.settings.topic_prefix}-dispatcher"
+        # static membership: a dispatcher restarted after a crash gets its partitions back at once
+        # instead of waiting for the dead member's session to time out
+        consumer = kafka.consumer(self.settings.bootstrap_servers, group, [self.topic], **{
+            "partition.assignment.strategy": "range",
+            "group.instance.id": f"{group}.{socket.gethostname()}",
+            "session.timeout.ms": 15000,
+        })
         consumer.subscribe([self.topic], on_assign=self._on_assign)
         code = 0
         try:
