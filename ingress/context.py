@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingress.crypto import SecretBox
+from ingress.publisher import Publisher
 from ingress.store import Store
 from shipline.config import Settings
 from shipline.envelope import Envelope
-from shipline.kafka import send_many_sync
 
 # Under GitHub's 10 s delivery timeout, so a slow broker becomes our 503, not their timeout.
 SEND_TIMEOUT = 8.0
@@ -21,10 +21,11 @@ class Ingress:
     producer: Any  # confluent_kafka.Producer
     store: Store
     box: SecretBox
+    publisher: Publisher
 
     def send(self, envelopes: list[Envelope]) -> list[tuple[int, int]]:
         """Produce to the inbound topic and wait for every ack (raises ``NotDurable``)."""
-        return send_many_sync(self.producer, self.settings.topics.inbound, envelopes, SEND_TIMEOUT)
+        return self.publisher.send(self.settings.topics.inbound, envelopes, SEND_TIMEOUT)
 
     def position(self, partition_offset: tuple[int, int]) -> str:
         partition, offset = partition_offset

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from psycopg_pool import ConnectionPool
 
 from ingress.store import HANDLERS, TABLES, Store
@@ -38,10 +38,10 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> Iterator[tu
     try:
         meta = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(meta.topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in partitions}
+        deadline = time.monotonic() + timeout
+        ends = {p: _end_offset(consumer, topic, p, deadline) for p in partitions}
         wanted = {p: end for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in wanted])
-        deadline = time.monotonic() + timeout
         while wanted:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {topic} to its end in {timeout}s")
@@ -55,6 +55,17 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> Iterator[tu
                     del wanted[partition]
     finally:
         consumer.close()
+
+
+def _end_offset(consumer: Consumer, topic: str, partition: int, deadline: float) -> int:
+    """The high watermark, retried while a new topic's partition has no leader yet."""
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_inbound(settings: Settings, timeout: float = 60.0) -> Iterator[Envelope]:

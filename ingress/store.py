@@ -10,7 +10,7 @@ sequence is not in the log as such; a rebuild moves it past the highest app id f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -128,12 +128,24 @@ class Store:
         with self.pool.connection() as conn, conn.transaction():
             yield conn
 
+    @contextmanager
+    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit, for the hot path's single statements: one round trip
+        each instead of BEGIN, statement, COMMIT. The shared pool's default is restored on return."""
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+
     # ------------------------------------------------------------------------------- reads
 
     def _one(self, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
         if not all(_storable(v) for v in params.values()):
             return None  # a key PostgreSQL cannot even hold matches no row
-        with self.pool.connection() as conn:
+        with self._autocommit() as conn:
             return conn.execute(query, params).fetchone()  # type: ignore[arg-type]
 
     def app(self, app_id: int, delivery_id: str = "") -> App | None:
@@ -144,7 +156,7 @@ class Store:
         keys = [k for k in keys if storable(k)]
         if not keys:
             return []
-        with self.pool.connection() as conn:
+        with self._autocommit() as conn:
             rows = conn.execute(self._by_repo, {"keys": keys, "delivery": delivery_id}).fetchall()  # type: ignore[arg-type]
         return [App(*row) for row in rows]
 
@@ -191,8 +203,13 @@ class Store:
 
     # ------------------------------------------------------------------------------ writes
 
-    def record(self, envelopes: Iterable[Envelope]) -> None:
-        """Apply acknowledged request records in one transaction."""
+    def record(self, envelopes: list[Envelope]) -> None:
+        """Apply acknowledged request records (each handler is one statement, so a single record
+        needs no explicit transaction)."""
+        if len(envelopes) == 1:
+            with self._autocommit() as conn:
+                self.apply(conn, envelopes[0])
+            return
         with self.transaction() as conn:
             for env in envelopes:
                 self.apply(conn, env)
@@ -266,21 +283,16 @@ class Store:
     def _delivery(self, conn: psycopg.Connection[Any], env: Envelope) -> None:
         msg: m.DeliveryReceived = env.data  # type: ignore[assignment]
         conn.execute(
-            f"INSERT INTO {self._s}.seen_deliveries (app_id, delivery_id, received_at)"  # type: ignore[arg-type]
-            " VALUES (%s, %s, %s::timestamptz) ON CONFLICT DO NOTHING",
-            (msg.app_id, msg.delivery_id, msg.received_at),
+            f"WITH seen AS (INSERT INTO {self._s}.seen_deliveries (app_id, delivery_id, received_at)"  # type: ignore[arg-type]
+            "  VALUES (%(app)s, %(delivery)s, %(at)s::timestamptz) ON CONFLICT DO NOTHING),"
+            f" hook AS (UPDATE {self._s}.deploy_hooks SET last_used_at = %(at)s::timestamptz"
+            "  WHERE hook_id = %(hook)s),"
+            f" token AS (UPDATE {self._s}.webhook_tokens SET last_used_at = %(at)s::timestamptz"
+            "  WHERE app_id = %(app)s AND %(token)s)"
+            " SELECT 1",
+            {"app": msg.app_id, "delivery": msg.delivery_id, "at": msg.received_at, "hook": msg.hook_id,
+             "token": msg.hook_id is None and msg.verification == "token"},
         )
-        if msg.hook_id is not None:
-            conn.execute(
-                f"UPDATE {self._s}.deploy_hooks SET last_used_at = %s::timestamptz WHERE hook_id = %s",  # type: ignore[arg-type]
-                (msg.received_at, msg.hook_id),
-            )
-        elif msg.verification == "token":
-            conn.execute(
-                f"UPDATE {self._s}.webhook_tokens SET last_used_at = %s::timestamptz WHERE app_id = %s",  # type: ignore[arg-type]
-                (msg.received_at, msg.app_id),
-            )
-
 
 def _storable(value: Any) -> bool:
     return not isinstance(value, str) or storable(value)

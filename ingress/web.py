@@ -7,6 +7,7 @@ from flask import Flask
 from ingress import admin, github, openapi, token_hooks
 from ingress.context import Ingress
 from ingress.crypto import SecretBox
+from ingress.publisher import Publisher
 from ingress.store import Store
 
 
@@ -19,6 +20,6 @@ def mount(app: Flask) -> None:
     store = Store(ctx.pool, settings.schema("ingress"))
     store.migrate()
     ctx.extras["ingress"] = Ingress(settings=settings, producer=ctx.producer, store=store,
-                                    box=SecretBox(settings.secret_key))
+                                    box=SecretBox(settings.secret_key), publisher=Publisher(ctx.producer))
     for bp in (github.bp, token_hooks.bp, admin.bp, openapi.bp):
         app.register_blueprint(bp)
