@@ -58,6 +58,7 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: _iso(v) for k, v in row.items()}
     out["events"] = list(row.get("events") or [])
     out["previous_secret_expires_at"] = _iso(row.get("previous_secret_expires_at"))
+    out["status"] = "enabled" if row.get("enabled") else "disabled"
     return out
 
 
