@@ -1,0 +1,274 @@
+"""Outbound pieces without services: signatures, retry policy, SSRF guard, transport, payloads."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import random
+import socket
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import standardwebhooks
+from cryptography.fernet import Fernet
+
+from outbound import events, payloads, retry, signing, ssrf
+from outbound.options import Options
+from outbound.testing import Receiver
+from outbound.transport import Transport
+from shipline.envelope import wrap
+from shipline.messages import BuildFinished
+
+pytestmark = pytest.mark.unit
+
+OPTS = Options(timeout=10, schedule=(5.0, 300.0, 1800.0), rotation=86400, disable_after=5 * 86400)
+
+
+# ------------------------------------------------------------------------------------ signing
+
+
+def test_generated_secrets_are_standard_webhooks_secrets() -> None:
+    secret = signing.generate()
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 24
+    assert signing.generate() != secret
+    assert signing.validate(secret) == secret
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 300, "has space 123", "a,b,c,d,e,f", "whsec_!!notbase64!!", 42, None])
+def test_bad_secrets_are_refused(bad) -> None:
+    with pytest.raises(ValueError):
+        signing.validate(bad)
+
+
+@pytest.mark.parametrize("secret", [signing.generate(), "plain-github-style-secret"])
+def test_signatures_verify_with_the_official_library_and_hex_hmac(secret: str) -> None:
+    body = json.dumps({"hello": "wörld"}, ensure_ascii=False).encode()
+    h = signing.headers(delivery_id="6c1d0b8e-0000-4000-8000-000000000001", event="deployed", body=body,
+                        secrets=[secret], timestamp=int(time.time()))
+    verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_") else secret.encode())
+    assert verifier.verify(body, h) == {"hello": "wörld"}
+    assert h["X-Shipline-Signature"] == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert h["webhook-id"] == h["X-Shipline-Delivery"]
+    assert h["User-Agent"].startswith("Shipline-Hookshot/") and h["Content-Type"] == "application/json"
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(body + b" ", h)
+
+
+def test_during_rotation_both_secrets_sign() -> None:
+    old, new = signing.generate(), signing.generate()
+    body = b'{"a":1}'
+    h = signing.headers(delivery_id="d", event="deployed", body=body, secrets=[new, old], timestamp=int(time.time()))
+    assert len(h["webhook-signature"].split(" ")) == 2
+    standardwebhooks.Webhook(new).verify(body, h)
+    standardwebhooks.Webhook(old).verify(body, h)
+    assert h["X-Shipline-Signature-Previous"] == "sha256=" + hmac.new(old.encode(), body, hashlib.sha256).hexdigest()
+
+
+def test_secrets_are_encrypted_with_the_fernet_key() -> None:
+    key = Fernet.generate_key().decode()
+    token = signing.encrypt(key, "whsec_abc")
+    assert "whsec_abc" not in token and signing.decrypt(key, token) == "whsec_abc"
+    with pytest.raises(ValueError):
+        signing.decrypt(Fernet.generate_key().decode(), token)
+
+
+# ------------------------------------------------------------------------------------ retry policy
+
+
+def test_delays_follow_the_schedule_with_twenty_percent_jitter() -> None:
+    rng = random.Random(1)
+    for tries, nominal in enumerate(OPTS.schedule, start=1):
+        samples = [retry.delay_for(tries, OPTS, rng) for _ in range(500)]
+        assert all(0.8 * nominal <= d <= 1.2 * nominal for d in samples)
+        assert min(samples) < 0.85 * nominal and max(samples) > 1.15 * nominal  # actually jittered
+    assert retry.delay_for(len(OPTS.schedule) + 1, OPTS, rng) is None
+
+
+def test_retry_after_is_honoured_in_seconds_and_as_a_date() -> None:
+    rng = random.Random(2)
+    now = time.time()
+    assert retry.parse_retry_after("120", now) == 120
+    when = datetime.now(UTC) + timedelta(seconds=600)
+    assert 590 <= retry.parse_retry_after(format_datetime(when, usegmt=True), now) <= 601
+    assert retry.parse_retry_after("soon", now) is None
+    assert retry.delay_for(1, OPTS, rng, retry_after=120) == 120
+    assert retry.delay_for(1, OPTS, rng, retry_after=1) <= 6  # never shorter than the schedule
+    assert retry.delay_for(1, OPTS, rng, retry_after=10**9) == OPTS.max_retry_after
+
+
+def decide(status, tries=1, failing_since=None, retry_after=None, now=1000.0):
+    return retry.decide(status=status, retry_after=retry_after, tries=tries, failing_since=failing_since, now=now,
+                        opts=OPTS, rng=random.Random(3))
+
+
+def test_outcomes() -> None:
+    assert isinstance(decide(200), retry.Succeeded) and isinstance(decide(204), retry.Succeeded)
+    for status in (None, 301, 302, 400, 404, 429, 500, 503):
+        assert isinstance(decide(status), retry.Retry), status  # 3xx is a failure, not followed
+    assert isinstance(decide(410), retry.Disable)
+    assert isinstance(decide(500, tries=4), retry.GaveUp)
+    assert isinstance(decide(500, failing_since=1000.0 - 5 * 86400), retry.Disable)
+    assert isinstance(decide(500, failing_since=1000.0 - 5 * 86400 + 1), retry.Retry)
+    r = decide(503, retry_after="60")
+    assert isinstance(r, retry.Retry) and r.at == 1060.0
+
+
+# ------------------------------------------------------------------------------------ SSRF guard
+
+
+@pytest.mark.parametrize("ip,reason", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.10", "private"),
+    ("172.16.5.4", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"), ("240.0.0.1", "private"),
+    ("::ffff:127.0.0.1", "loopback"), ("100.64.0.1", "non-global"), ("fc00::1", "private"),
+    ("93.184.216.34", None), ("2606:4700::1111", None),
+])
+def test_addresses_are_classified(ip: str, reason: str | None) -> None:
+    import ipaddress
+
+    assert ssrf.why_forbidden(ipaddress.ip_address(ip)) == reason
+
+
+def fake_resolver(table: dict[str, list[str]]):
+    def resolve(host, port, type=0):  # noqa: A002
+        if host not in table:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in table[host]]
+    return resolve
+
+
+def test_names_are_checked_after_resolution_and_pinned_to_the_checked_address() -> None:
+    resolver = fake_resolver({"evil.example": ["10.0.0.5"], "mixed.example": ["93.184.216.34", "127.0.0.1"],
+                              "good.example": ["93.184.216.34"], "lan.example": ["10.9.8.7"]})
+    with pytest.raises(ssrf.Refused, match="private"):
+        ssrf.resolve("http://evil.example/x", (), resolver)
+    with pytest.raises(ssrf.Refused, match="loopback"):
+        ssrf.resolve("https://mixed.example/x", (), resolver)
+    with pytest.raises(ssrf.Refused, match="cannot resolve"):
+        ssrf.resolve("https://missing.example/x", (), resolver)
+    target = ssrf.resolve("https://good.example/hook?a=1", (), resolver)
+    assert (target.ip, target.port, target.path, target.host_header) == ("93.184.216.34", 443, "/hook?a=1",
+                                                                         "good.example")
+    allowed = ssrf.resolve("http://lan.example:8080/", ssrf.parse_networks(["10.0.0.0/8"]), resolver)
+    assert allowed.ip == "10.9.8.7" and allowed.host_header == "lan.example:8080"
+    with pytest.raises(ssrf.Refused, match="loopback"):
+        ssrf.resolve("http://127.0.0.1:1/", ssrf.parse_networks(["10.0.0.0/8"]))
+
+
+@pytest.mark.parametrize("url", ["ftp://x/", "http:///nohost", "http://user:pw@host/", "http://h/#frag",
+                                 "http://h:99999/", "x" * 3000, 5])
+def test_subscription_urls_are_checked(url) -> None:
+    with pytest.raises(ValueError):
+        ssrf.check_url(url)
+
+
+# ------------------------------------------------------------------------------------ transport
+
+
+def test_transport_connects_to_the_checked_address_and_does_not_follow_redirects() -> None:
+    def policy(req):
+        if req.path == "/redirect":
+            return 302, {"Location": "/elsewhere"}, b""
+        if req.path == "/slow":
+            time.sleep(1.5)
+        return 200, {"Retry-After": "3"}, b"x" * 30000
+
+    receiver = Receiver(policy)
+    try:
+        resolver = fake_resolver({"hooks.example.test": ["127.0.0.1"]})
+        t = Transport(ssrf.parse_networks(["127.0.0.1/32"]), resolver)
+        url = f"http://hooks.example.test:{receiver.port}"
+        resp = t.post(url + "/ok", b"{}", {"Content-Type": "application/json"}, 10)
+        assert resp.status == 200 and len(resp.body) == 20 * 1024 and resp.headers["retry-after"] == "3"
+        assert receiver.received()[0].headers["host"] == f"hooks.example.test:{receiver.port}"
+        again = t.post(url + "/ok", b"{}", {}, 10)
+        assert again.ok
+        resp = t.post(url + "/redirect", b"{}", {}, 10)
+        assert resp.status == 302 and not resp.ok
+        assert [r.path for r in receiver.received()] == ["/ok", "/ok", "/redirect"]
+        resp = t.post(url + "/slow", b"{}", {}, 0.3)
+        assert resp.status is None and resp.error == "timed out"
+        refused = Transport((), resolver).post(url + "/ok", b"{}", {}, 10)
+        assert refused.status is None and refused.error.startswith("refused") and "loopback" in refused.error
+        t.close()
+        assert t.post(url + "/ok", b"{}", {}, 10).status is None
+    finally:
+        receiver.close()
+
+
+def test_close_cuts_a_request_in_flight() -> None:
+    release = threading.Event()
+    receiver = Receiver(lambda req: (release.wait(30), (200, {}, b"ok"))[1])
+    try:
+        t = Transport(ssrf.parse_networks(["127.0.0.1/32"]))
+        result = []
+        worker = threading.Thread(target=lambda: result.append(t.post(receiver.url(), b"{}", {}, 30)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not receiver.received() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t.close()
+        worker.join(10)
+        assert not worker.is_alive() and result[0].status is None
+    finally:
+        release.set()
+        receiver.close()
+
+
+# ------------------------------------------------------------------------------------ events, payloads
+
+
+def test_event_filters() -> None:
+    assert events.matches(["*"], "deployed")
+    assert events.matches(["build_finish"], "build.finished") and events.matches(["build.finished"], "build.finished")
+    assert not events.matches(["deployed"], "build.finished")
+    for internal in ("subscription.created", "delivery.accepted", "deploy_hook.created", "webhook_token.enabled"):
+        assert not events.matches(["*"], internal)
+    assert events.wire_name("build.finished") == "build_finish" and events.wire_name("deployed") == "deployed"
+    assert events.normalise(["deployed", "deployed", "build_finish"]) == ["deployed", "build_finish"]
+    for bad in ([], ["nope"], ["subscription.created"], [1]):
+        with pytest.raises(ValueError):
+            events.normalise(bad)
+
+
+def test_build_finish_joins_the_queued_build_the_app_and_the_github_push() -> None:
+    push_body = json.dumps({
+        "repository": {"id": 27844253, "name": "docker-hello", "clone_url": "https://github.com/grosskur/docker-hello.git",
+                       "owner": {"id": 40483, "login": "grosskur"}},
+        "head_commit": {"author": {"name": "Alan Grosskurth", "username": "grosskur"}},
+    })
+    repository, author = payloads.github_push(push_body, "utf8", {"Content-Type": "application/json"})
+    form = "payload=" + __import__("urllib.parse").parse.quote(push_body)
+    assert payloads.github_push(form, "utf8", {"content-type": "application/x-www-form-urlencoded"}) == (
+        repository, author)
+    assert payloads.github_push(base64.b64encode(b"not json").decode(), "base64", {}) is None
+    env = wrap(BuildFinished(app_id=3, build=14, commit="88d543e", status="succeeded", exit_code=0,
+                             image_id="4cdd98", tags=["registry:5000/grosskur/docker-hello:latest", "img"],
+                             duration=1.0, log="", log_path=""), source="t", time="2014-12-18T10:47:42.123456Z")
+    doc = payloads.build_finish(env, {
+        "build": {"message": "Revert test commit", "author": "grosskur", "repo_url": "https://github.com/grosskur/docker-hello",
+                  "queued_at": "2014-12-18T10:44:22.5Z"},
+        "app": {"name": "hello", "namespace": "ns", "build": {"dockerfile": "docker/app/Dockerfile"}},
+        "push": {"repository": repository, "author": author},
+    })
+    assert doc == {
+        "build": {"build_num": 14, "created_at": "2014-12-18T10:44:22+00:00", "dockerfile_dir": "/docker/app",
+                  "exit_code": 0, "status": "succeeded", "finished_at": "2014-12-18T10:47:42+00:00",
+                  "updated_at": "2014-12-18T10:47:42+00:00"},
+        "commit": {"author": {"login": "grosskur", "name": "Alan Grosskurth"}, "message": "Revert test commit",
+                   "sha": "88d543e"},
+        "image_tags": [{"full_name": "registry:5000/grosskur/docker-hello:latest", "id": "4cdd98", "name": "latest"},
+                       {"full_name": "img", "id": "4cdd98", "name": "latest"}],
+        "images": [{"id": "4cdd98", "pushed": False}],
+        "repository": {"clone_url": "https://github.com/grosskur/docker-hello.git", "id": 27844253,
+                       "name": "docker-hello", "owner": {"id": 40483, "login": "grosskur"}},
+    }
+    bare = payloads.build_finish(env, {})
+    assert bare["repository"] == {"clone_url": None, "id": None, "name": None, "owner": {"id": None, "login": None}}
+    assert bare["build"]["dockerfile_dir"] == "/" and bare["commit"]["message"] is None
