@@ -177,7 +177,8 @@ class Release:
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> Release:
-        failure = row.get("failure") if isinstance(row.get("failure"), dict) else {}
+        raw_failure = row.get("failure")
+        failure: Mapping[str, Any] = raw_failure if isinstance(raw_failure, dict) else {}
         return cls(
             revision=int(_pick(row, "revision")),
             image=_pick(row, "image"),

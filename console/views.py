@@ -121,7 +121,8 @@ def logout() -> Response:
 
 
 @bp.route("/<path:rest>")
-def unknown(rest: str) -> None:
+def unknown(rest: str) -> Response:
+    """Any other path under /console: behind the sign-in gate like the rest, then 404."""
     abort(404, description=f"no console page at /console/{rest}")
 
 
