@@ -111,6 +111,7 @@ def create_app(
         broker_heartbeat_interval=1.0,
         broker_commit_interval=1.0,
         stream_wait_empty=True,  # on rebalance, finish (and ack) the batch in hand first
+        table_standby_replicas=0,
     )
     table = app.tables.add(
         AppStateTable(
