@@ -22,6 +22,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SHIPLINE_PUBLIC_URL": ("", "base URL shown in every URL Shipline prints (default http://<SHIPLINE_HTTP>)"),
     "SHIPLINE_WEB_WORKERS": ("2", "gunicorn workers for the public HTTP port"),
     "SHIPLINE_KAFKA_PORT": ("9092", "port of the local Kafka broker"),
+    "SHIPLINE_KAFKA_CONTROLLER_PORT": ("", "KRaft controller port of the local broker (default Kafka port + 1)"),
     "KAFKA_BOOTSTRAP_SERVERS": ("", "external Kafka; when set no local broker is started"),
     "SHIPLINE_PG_PORT": ("5432", "port of the local PostgreSQL server"),
     "DATABASE_URL": ("", "external PostgreSQL; when set no local server is started"),
@@ -62,6 +63,7 @@ class Settings:
     public_url: str
     web_workers: int
     kafka_port: int
+    kafka_controller_port: int
     kafka_bootstrap: str  # "" -> local broker
     pg_port: int
     database_url: str  # "" -> local server
@@ -123,6 +125,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         public_url=public.rstrip("/"),
         web_workers=int(_get(env, "SHIPLINE_WEB_WORKERS")),
         kafka_port=int(_get(env, "SHIPLINE_KAFKA_PORT")),
+        kafka_controller_port=int(
+            _get(env, "SHIPLINE_KAFKA_CONTROLLER_PORT") or int(_get(env, "SHIPLINE_KAFKA_PORT")) + 1
+        ),
         kafka_bootstrap=_get(env, "KAFKA_BOOTSTRAP_SERVERS"),
         pg_port=int(_get(env, "SHIPLINE_PG_PORT")),
         database_url=_get(env, "DATABASE_URL"),

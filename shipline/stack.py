@@ -48,7 +48,8 @@ def infrastructure(settings: Settings) -> list[Child]:
     if not settings.kafka_bootstrap:
         from shipline.infra.kafka import LocalKafka
 
-        kafka = LocalKafka(settings.data_dir / "kafka", settings.cache_dir, port=settings.kafka_port)
+        kafka = LocalKafka(settings.data_dir / "kafka", settings.cache_dir, port=settings.kafka_port,
+                           controller_port=settings.kafka_controller_port)
         kafka.prepare()
         children.append(Child("kafka", kafka.command(), infra=True, before_start=kafka.prepare))
     if not settings.database_url:
@@ -76,9 +77,9 @@ def wait_infrastructure(settings: Settings, timeout: float = 180) -> None:
     if not settings.kafka_bootstrap:
         from shipline.infra.kafka import LocalKafka
 
-        LocalKafka(settings.data_dir / "kafka", settings.cache_dir, port=settings.kafka_port).wait_ready(
-            max(1.0, deadline - time.monotonic())
-        )
+        kafka = LocalKafka(settings.data_dir / "kafka", settings.cache_dir, port=settings.kafka_port,
+                           controller_port=settings.kafka_controller_port)
+        kafka.wait_ready(max(1.0, deadline - time.monotonic()))
     ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
 
 

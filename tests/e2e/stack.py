@@ -29,10 +29,11 @@ class Stack:
         self.http_port = free_port()
         self.env = {
             **os.environ,
-            "SHIPLINE_DATA_DIR": str(data_dir),
+            "SHIPLINE_DATA_DIR": str(self.data_dir),
             "SHIPLINE_CACHE_DIR": str(CACHE),
             "SHIPLINE_HTTP": f"127.0.0.1:{self.http_port}",
             "SHIPLINE_KAFKA_PORT": str(free_port()),
+            "SHIPLINE_KAFKA_CONTROLLER_PORT": str(free_port()),
             "SHIPLINE_PG_PORT": str(free_port()),
             "SHIPLINE_PROXY_PORT": str(free_port()),
             "SHIPLINE_OUTBOUND_ALLOW": "127.0.0.1/32",

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     s = Stack()
-    yield s
-    s.remove()
+    try:
+        yield s
+    finally:
+        s.remove()
 
 
 def test_up_ready_stop_within_10s_and_restart_keeps_the_log(stack: Stack) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,10 +84,13 @@ def test_malformed_record_goes_to_the_dead_letter_topic_with_the_reason(kafka_bo
     assert headers["x-shipline-origin"].startswith(topics.events.encode())
 
 
-def test_a_faust_agent_on_the_real_broker_turns_one_record_into_another(kafka_bootstrap: str, topics: Topics) -> None:
+def test_a_faust_agent_on_the_real_broker_turns_one_record_into_another(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
     import faust
 
     app = faust.App(f"foundation-{topics.prefix}", broker=f"kafka://{kafka_bootstrap}", web_enabled=False,
+                    datadir=str(tmp_path),
                     topic_allow_declare=False, topic_disable_leader=True, store="memory://")
     source = app.topic(topics.inbound, value_serializer="raw", key_serializer="raw")
     sink = app.topic(topics.events, value_serializer="raw", key_serializer="raw")
