@@ -288,7 +288,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     settings = getattr(args, "settings", None) or config.load()
     try:
-        result = rebuild(settings, swap=not args.no_swap, keep_old=args.keep_old)
+        result = rebuild(settings, swap=not args.no_swap, keep_old=args.keep_old, progress=sys.stderr)
     except RebuildError as exc:
         print(f"rebuild failed: {exc}", file=sys.stderr)
         return 1

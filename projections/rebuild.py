@@ -102,11 +102,16 @@ def rebuild(
     *,
     swap: bool = True,
     keep_old: bool = False,
-    progress: TextIO | None = sys.stderr,
+    progress: TextIO | None | str = "stderr",
     batch_size: int = 5000,
     stall_timeout: float = 120.0,
 ) -> RebuildResult:
-    """Replay the events topic into fresh tables and (``swap``) make them the live ones."""
+    """Replay the events topic into fresh tables and (``swap``) make them the live ones.
+
+    ``progress`` is where the progress bar goes: ``"stderr"`` (the default: whatever
+    ``sys.stderr`` is at call time), a stream, or None for no bar.
+    """
+    stream = sys.stderr if isinstance(progress, str) else progress
     live = settings.schema("projections")
     fresh, old = names(live)
     topic = settings.topics.events
@@ -121,7 +126,7 @@ def rebuild(
             # a crash mid-rebuild throws the schema away anyway: no need to wait for the WAL flush
             target.execute("SET synchronous_commit = off")
             deferred = _defer_indexes(target, fresh)
-            counts = _replay(settings, target, fresh, topic, progress, batch_size, stall_timeout)
+            counts = _replay(settings, target, fresh, topic, stream, batch_size, stall_timeout)
             for statement in deferred:
                 target.execute(statement)  # type: ignore[arg-type]  # definitions read from pg_indexes
             for table in TABLES:
