@@ -21,6 +21,7 @@ from outbound import ssrf
 MAX_LOGGED_BODY = 20 * 1024
 MAX_READ = 1024 * 1024  # beyond this the rest of a response is not read; the connection is dropped
 IDLE_PER_TARGET = 16
+RESOLVE_TTL = 5.0  # seconds a resolved and checked address is reused
 
 
 @dataclass
@@ -58,6 +59,19 @@ class Transport:
         self._lock = threading.Lock()
         self._closed = False
         self._tls = ssl.create_default_context()
+        self._targets: dict[str, tuple[ssrf.Target, float]] = {}
+
+    def _target(self, url: str) -> ssrf.Target:
+        """The checked, pinned target; a checked answer is reused for a few seconds (it stays pinned)."""
+        now = time.monotonic()
+        cached = self._targets.get(url)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        target = ssrf.resolve(url, self.allow, self.resolver)
+        if len(self._targets) > 10000:
+            self._targets.clear()
+        self._targets[url] = (target, now + RESOLVE_TTL)
+        return target
 
     def _connection(self, target: ssrf.Target, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         key = (target.scheme, target.ip, target.port, target.host)
@@ -92,7 +106,7 @@ class Transport:
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Response:
         started = time.monotonic()
         try:
-            target = ssrf.resolve(url, self.allow, self.resolver)
+            target = self._target(url)
         except ssrf.Refused as exc:
             return Response(None, error=f"refused: {exc}", duration=time.monotonic() - started)
         deadline = started + timeout
@@ -143,7 +157,7 @@ class Transport:
                 raise TimeoutError("timed out reading the response body")
             if conn.sock is not None:
                 conn.sock.settimeout(left)
-            chunk = resp.read1(65536) if size < MAX_READ else b""
+            chunk = resp.read(65536) if size < MAX_READ else b""  # read(), not read1(): it closes at the end
             if not chunk:
                 complete = resp.isclosed() or size < MAX_READ
                 break
