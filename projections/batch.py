@@ -13,8 +13,10 @@ transaction:
 
 A record that cannot be decoded is rejected (before the commit). When the fast path fails,
 the batch is retried record by record, each in a savepoint, so only the records that fail are
-rejected (the caller dead-letters them) and the rest commit. Connection-level errors are not a
-record's fault: they propagate, nothing is rejected, and the caller re-seeks and retries.
+rejected (the caller dead-letters them) and the rest commit. ``SYSTEMIC`` errors (connection lost,
+table missing, ...) are not a record's fault: they propagate, nothing is rejected, and the
+caller re-seeks and retries. A record rejected because of a bug in a fold is not lost: the log
+keeps it, and a rebuild with the fixed code folds it.
 """
 
 from __future__ import annotations
@@ -49,8 +51,23 @@ class Record(Protocol):
 Reject = Callable[[Any, str], None]
 
 
+# errors that are the database's or the deployment's, never one record's: nothing is rejected,
+# the caller retries the batch (a missing table, lost privileges, a read-only standby, a lost connection)
+SYSTEMIC: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
+
 class SchemaSwapped(RuntimeError):
     """The live schema was replaced by a rebuild since this connection looked at it."""
+
+
+_RETRY: tuple[type[Exception], ...] = (*SYSTEMIC, SchemaSwapped)
 
 
 @dataclass
@@ -94,7 +111,7 @@ def apply_batch(
         result.offsets[key] = max(result.offsets.get(key, 0), rec.offset() + 1)
     try:
         _transaction(conn, schema, records, result, reject, generation, careful=False)
-    except (psycopg.OperationalError, psycopg.InterfaceError, SchemaSwapped):
+    except _RETRY:
         raise
     except Exception as exc:  # noqa: BLE001 - any record's failure: find which, record by record
         log.warning("batch failed (%s); retrying record by record", exc)
@@ -208,7 +225,7 @@ def _apply_carefully(
                     _audit_row(rec, env),
                 )
             result.applied += 1
-        except (psycopg.OperationalError, psycopg.InterfaceError):
+        except SYSTEMIC:
             raise
         except Exception as exc:  # noqa: BLE001 - this record's fault: reject it, keep the others
             _reject(result, reject, rec, f"{env.type} {env.id}: cannot apply: {exc}")

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from projections.batch import SchemaSwapped, apply_batch, schema_generation
+from projections.batch import SYSTEMIC, SchemaSwapped, apply_batch, schema_generation
 from projections.schema import MIGRATIONS
 from shipline import kafka
 from shipline.config import Settings
@@ -146,8 +146,9 @@ class Projector:
             log.info("projections schema %s was swapped by a rebuild; re-seeking", self.schema)
             self._recover(consumer)
             return
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except SYSTEMIC as exc:
             log.warning("database error, will re-seek and retry: %s", exc)
+            self._stop.wait(1.0)
             self._recover(consumer)
             return
         if result.duplicates or result.stale:
@@ -185,6 +186,7 @@ class Projector:
                 delay = min(delay * 2, 5.0)
 
     def _recover(self, consumer: Consumer) -> None:
+        """Reconnect and seek every assigned partition to the offsets stored with the rows."""
         self._connect()
         self._seek_stored(consumer, sorted(self._assigned))
 
@@ -199,9 +201,25 @@ class Projector:
         self._recover(consumer)
 
     def _positions(self, partitions: list[int]) -> list[TopicPartition]:
-        assert self._conn is not None
-        stored = stored_offsets(self._conn, self.topic)
-        return [TopicPartition(self.topic, p, stored.get(p, OFFSET_BEGINNING)) for p in partitions]
+        """Where to resume each partition: its stored offset, or the beginning when none is stored.
+
+        A schema dropped by hand is recreated here, and then everything is folded again from 0.
+        """
+        while True:
+            try:
+                assert self._conn is not None
+                if self._generation is None:
+                    log.warning("projections schema %s is missing: recreating it", self.schema)
+                    migrate_schema(self.settings, self.schema)
+                    self._connect()
+                stored = stored_offsets(self._conn, self.topic)
+                return [TopicPartition(self.topic, p, stored.get(p, OFFSET_BEGINNING)) for p in partitions]
+            except SYSTEMIC as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("cannot read stored offsets (%s); retrying", exc)
+                self._stop.wait(1.0)
+                self._connect()
 
     def _seek_stored(self, consumer: Consumer, partitions: list[int]) -> None:
         if not partitions:
@@ -217,13 +235,7 @@ class Projector:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        while True:
-            try:
-                tps = self._positions(numbers)
-                break
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                log.warning("cannot read stored offsets (%s); reconnecting", exc)
-                self._connect()
+        tps = self._positions(numbers)
         consumer.incremental_assign(tps)
         self._assigned.update(numbers)
         log.info("assigned %s at %s", numbers, {tp.partition: tp.offset for tp in tps})

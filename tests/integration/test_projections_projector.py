@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import psycopg
 import pytest
@@ -204,3 +205,23 @@ def test_poison_records_are_dead_lettered_and_the_projector_keeps_going(settings
     assert rows(settings, "SELECT number FROM {s}.builds") == [{"number": 1}]
     types = [r["type"] for r in rows(settings, "SELECT type FROM {s}.audit ORDER BY sequence")]
     assert "app.exploded" not in types and len(types) == 1 + len(after.envs)
+
+
+def test_a_dropped_schema_is_recreated_and_folded_again_from_the_log(settings) -> None:
+    story = full_story()
+    produce(settings, story.envs)
+    schema = settings.schema("projections")
+    with projector(settings):
+        wait_caught_up(settings)
+        with psycopg.connect(settings.db_url, autocommit=True) as conn:
+            before = checksum(conn, schema)
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if checksum(conn, schema) == before:
+                        break
+                except psycopg.errors.UndefinedTable:
+                    pass
+                assert time.monotonic() < deadline, "the projector did not rebuild the dropped tables"
+                time.sleep(0.2)
