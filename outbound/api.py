@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 from flask import Blueprint, Flask, Response, jsonify, request
 
 from outbound import events, signing, ssrf
@@ -132,6 +133,11 @@ def _time(value: Any, name: str) -> datetime:
 @bp.errorhandler(Invalid)
 def _invalid(exc: Invalid) -> Response:
     return error(400, str(exc))
+
+
+@bp.errorhandler(psycopg.OperationalError)
+def _database_away(exc: psycopg.OperationalError) -> Response:
+    return error(503, "database unavailable, try again")
 
 
 # ---------------------------------------------------------------------------------- subscriptions

@@ -133,8 +133,8 @@ def github_push(body: str, encoding: str, headers: dict[str, str]) -> tuple[dict
             "login": next((owner[k] for k in ("login", "name") if isinstance(owner.get(k), str)), None),
         },
     }
-    head = doc.get("head_commit") if isinstance(doc.get("head_commit"), dict) else {}
-    who = head.get("author") if isinstance(head.get("author"), dict) else {}
+    head: dict[str, Any] = doc["head_commit"] if isinstance(doc.get("head_commit"), dict) else {}
+    who: dict[str, Any] = head["author"] if isinstance(head.get("author"), dict) else {}
     author = {
         "login": who.get("username") if isinstance(who.get("username"), str) else None,
         "name": who.get("name") if isinstance(who.get("name"), str) else None,

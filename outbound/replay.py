@@ -97,12 +97,12 @@ class Replayer:
                 for msg in consumer.consume(num_messages=500, timeout=0.5):
                     if msg.error():
                         continue
-                    p = msg.partition()
+                    p, offset = msg.partition(), msg.offset() or 0
                     if p not in todo:
                         continue
-                    if msg.offset() + 1 >= ends[p]:
+                    if offset + 1 >= ends[p]:
                         todo.discard(p)
-                    if msg.offset() >= ends[p] or msg.key() != key:
+                    if offset >= ends[p] or msg.key() != key:
                         continue
                     scanned += 1
                     try:

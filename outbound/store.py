@@ -284,11 +284,16 @@ class Store:
         return [Pending(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     def pending_lanes(self) -> list[tuple[str, int, float]]:
-        """(subscription, app, earliest next attempt) of every lane with something pending."""
+        """(subscription, app, when its head is due) of every lane with something pending.
+
+        The head's time, not the earliest of the lane: rows behind a head that waits for its retry
+        are due on paper but must not wake the lane.
+        """
         with self.pool.connection() as conn:
             rows = conn.execute(
-                self.q("SELECT subscription_id, app_id, extract(epoch FROM min(next_attempt_at))::float8"
-                       " FROM {s}.deliveries WHERE status = 'pending' GROUP BY 1, 2"),
+                self.q("SELECT DISTINCT ON (subscription_id, app_id) subscription_id, app_id,"
+                       " extract(epoch FROM next_attempt_at)::float8 FROM {s}.deliveries WHERE status = 'pending'"
+                       " ORDER BY subscription_id, app_id, event_sequence NULLS LAST, seq"),
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 

@@ -80,9 +80,9 @@ class Transport:
                 raise ConnectionError("transport closed")
             idle = self._idle.get(key)
             if idle:
-                conn = idle.pop()
-                self._busy.add(conn)
-                return conn, True
+                reused = idle.pop()
+                self._busy.add(reused)
+                return reused, True
         conn: http.client.HTTPConnection
         if target.scheme == "https":
             conn = _PinnedHTTPS(target, timeout, self._tls)
