@@ -47,7 +47,9 @@ def to_dict(env: Envelope) -> dict[str, Any]:
         "dataschema": dataschema(env.type, env.data.VERSION),
         "correlationid": env.correlationid,
         "causationid": env.causationid,
-        "data": dataclasses.asdict(env.data),
+        # Shallow: message fields are JSON values (no nested dataclasses), so this encodes the
+        # same bytes as dataclasses.asdict without its deep copy (the hot path of every producer).
+        "data": {f.name: getattr(env.data, f.name) for f in dataclasses.fields(env.data)},
     }
     if env.sequence is not None:
         out["sequence"] = env.sequence
