@@ -432,6 +432,14 @@ def decide(state: AppState, env: Envelope) -> list[Envelope]:
     return out.items
 
 
+def _sequenced(env: Envelope, sequence: int) -> Envelope:
+    """``env.with_sequence`` without ``dataclasses.replace``'s re-validation (hot path)."""
+    new = object.__new__(Envelope)
+    new.__dict__.update(env.__dict__)
+    new.__dict__["sequence"] = sequence
+    return new
+
+
 def input_id(env: Envelope) -> str | None:
     """What identifies a request or report across producer retries (deliveries dedupe by
     delivery id inside ``decide`` instead, since they must leave an audit record)."""
@@ -458,7 +466,7 @@ def step(state: AppState, env: Envelope, role: str | None = None, offset: int | 
         outputs = []
         for item in decide(state, env):
             if is_event(item):
-                item = item.with_sequence(state.sequence + 1)
+                item = _sequenced(item, state.sequence + 1)
                 state = evolve(state, item)
             outputs.append(item)
         if key is not None:

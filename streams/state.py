@@ -70,41 +70,50 @@ class AppState:
         return before[-1] if before else None
 
 
+def replace(state: AppState, **changes: Any) -> AppState:
+    """``dataclasses.replace`` without re-running ``__init__`` (it is on the hot path: several
+    times per record)."""
+    new = object.__new__(AppState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def _bounded(items: tuple[Any, ...], item: Any, limit: int) -> tuple[Any, ...]:
     out = items + (item,)
     return out[-limit:] if len(out) > limit else out
 
 
 def remember_input(state: AppState, input_id: str) -> AppState:
-    return dataclasses.replace(state, inputs=_bounded(state.inputs, input_id, RECENT_INPUTS))
+    return replace(state, inputs=_bounded(state.inputs, input_id, RECENT_INPUTS))
 
 
 def at_position(state: AppState, role: str, offset: int) -> AppState:
-    return dataclasses.replace(state, positions={**state.positions, role: offset})
+    return replace(state, positions={**state.positions, role: offset})
 
 
 # -------------------------------------------------------------------------------------- evolve
 
 
 def _registered(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, config={k: getattr(d, k) for k in CONFIG_KEYS}, deleted=False)
+    return replace(s, config={k: getattr(d, k) for k in CONFIG_KEYS}, deleted=False)
 
 
 def _updated(s: AppState, d: Any) -> AppState:
     known = {k: v for k, v in d.changes.items() if k in CONFIG_KEYS}
-    return dataclasses.replace(s, config={**(s.config or {}), **known})
+    return replace(s, config={**(s.config or {}), **known})
 
 
 def _deleted(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, deleted=True)
+    return replace(s, deleted=True)
 
 
 def _accepted(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, deliveries=_bounded(s.deliveries, d.delivery_id, RECENT_DELIVERIES))
+    return replace(s, deliveries=_bounded(s.deliveries, d.delivery_id, RECENT_DELIVERIES))
 
 
 def _build_queued(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, builds=max(s.builds, d.build))
+    return replace(s, builds=max(s.builds, d.build))
 
 
 def _deploy_requested(s: AppState, d: Any) -> AppState:
@@ -113,23 +122,23 @@ def _deploy_requested(s: AppState, d: Any) -> AppState:
         for old in sorted(revisions)[: len(revisions) - KEPT_REVISIONS]:
             del revisions[old]
     if s.in_flight is None:
-        return dataclasses.replace(s, revision=max(s.revision, d.revision), revisions=revisions, in_flight=d.revision)
-    return dataclasses.replace(s, revision=max(s.revision, d.revision), revisions=revisions, waiting=d.revision)
+        return replace(s, revision=max(s.revision, d.revision), revisions=revisions, in_flight=d.revision)
+    return replace(s, revision=max(s.revision, d.revision), revisions=revisions, waiting=d.revision)
 
 
 def _superseded(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, waiting=None) if s.waiting == d.revision else s
+    return replace(s, waiting=None) if s.waiting == d.revision else s
 
 
 def _finished(s: AppState, revision: int) -> AppState:
     """The in-flight deploy ended: the waiting one (if any) is released next."""
     if s.in_flight != revision:
         return s
-    return dataclasses.replace(s, in_flight=s.waiting, waiting=None)
+    return replace(s, in_flight=s.waiting, waiting=None)
 
 
 def _deployed(s: AppState, d: Any) -> AppState:
-    s = dataclasses.replace(s, live=d.revision, live_history=_bounded(s.live_history, d.revision, KEPT_LIVE))
+    s = replace(s, live=d.revision, live_history=_bounded(s.live_history, d.revision, KEPT_LIVE))
     return _finished(s, d.revision)
 
 
@@ -138,7 +147,7 @@ def _deploy_failed(s: AppState, d: Any) -> AppState:
 
 
 def _job_requested(s: AppState, d: Any) -> AppState:
-    return dataclasses.replace(s, jobs=max(s.jobs, d.job))
+    return replace(s, jobs=max(s.jobs, d.job))
 
 
 EVOLVERS = {
@@ -161,7 +170,7 @@ def evolve(state: AppState, event: Envelope) -> AppState:
     if fn is not None:
         state = fn(state, event.data)
     if event.sequence is not None and event.sequence > state.sequence:
-        state = dataclasses.replace(state, sequence=event.sequence)
+        state = replace(state, sequence=event.sequence)
     return state
 
 
