@@ -60,19 +60,39 @@ class Receiver:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "data")
+def stack() -> Iterator[Stack]:
+    s = Stack()
     try:
         try:
             s.up()
         except AssertionError:
             # free_port() can race with other processes on a shared machine: once more, on new ports
-            s.cli("down", timeout=60)
-            s = Stack(tmp_path / "data-again")
+            remove(s)
+            s = Stack()
             s.up()
         yield s
     finally:
-        s.cli("down", timeout=60)
+        remove(s)
+
+
+def remove(s: Stack) -> None:
+    """``Stack.remove``, then stop what this stack left running (HAProxy daemonizes itself)."""
+    import os
+    import signal
+
+    s.remove()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(s.data_dir) + "/" in argv:
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def deployed_app(stack: Stack, receiver: Receiver) -> dict[str, Any]:
