@@ -320,6 +320,7 @@ class Subscription:
     events: list[str]
     description: str
     status: str
+    disabled_reason: str | None = None
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> Subscription:
@@ -330,6 +331,7 @@ class Subscription:
             events=list(events) if isinstance(events, list | tuple) else [str(events)],
             description=str(_pick(row, "description", default="")),
             status=str(_pick(row, "status", default="enabled" if row.get("enabled", True) else "disabled")),
+            disabled_reason=_pick(row, "disabled_reason"),
         )
 
 
