@@ -19,6 +19,8 @@ from shipline.supervisor import Child
 
 log = logging.getLogger(__name__)
 
+DEV_OUTBOUND_ALLOW = "127.0.0.1/32"
+
 # (child name, python module). A service is part of the stack when its package has __main__.
 SERVICES = [
     ("web", "ingress"),
@@ -39,6 +41,10 @@ def service_env(settings: Settings) -> dict[str, str]:
     env["SHIPLINE_ADMIN_TOKEN"] = settings.admin_token
     env["SHIPLINE_SECRET_KEY"] = settings.secret_key
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The embedded stack is a development stack: its demo subscriber listens on 127.0.0.1, so
+    # loopback is allowed unless the operator chose otherwise (production sets it explicitly).
+    if not env.get("SHIPLINE_OUTBOUND_ALLOW"):
+        env["SHIPLINE_OUTBOUND_ALLOW"] = DEV_OUTBOUND_ALLOW
     return env
 
 
