@@ -75,7 +75,8 @@ class BuildLog:
         self._fh = open(path, "a", buffering=1)
 
     def __call__(self, line: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
+        now = time.time()
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         for part in str(line).rstrip("\n").splitlines() or [""]:
             self._fh.write(f"{stamp} {part}\n")
 

@@ -80,7 +80,7 @@ class Timing:
     health_interval: float = 1.0
     health_timeout: float = 30.0
     shift_steps: int = 4
-    shift_interval: float = 0.5  # seconds between two weight steps
+    shift_interval: float = 0.25  # seconds between two weight steps
     drain_timeout: float = 30.0
 
 

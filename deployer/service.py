@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from deployer.build import Builder, BuildLog
 from deployer.locks import AppLocks
@@ -125,8 +125,8 @@ class Deployer:
             health_interval=settings.health_interval,
             health_timeout=settings.health_timeout,
             shift_steps=4,
-            # steps follow the health cadence (at most 0.5 s): each step re-checks the new instances
-            shift_interval=min(0.5, settings.health_interval / 2),
+            # the 4 weight steps span one health interval (each step re-checks the new instances)
+            shift_interval=min(0.5, settings.health_interval / 4),
         )
         self.rollouts = Rollouts(
             data_dir=data, scope=self.scope, proxy=self.proxy, store=self.store, ports=self.ports, locks=self.locks,
@@ -317,7 +317,39 @@ class DeployerService:
         recovered = self.deployer.recover()
         if recovered and not self._publish_until_acked(recovered):
             return 0
-        consumer = kafka.consumer(
+        consumer = self._consumer(member)
+        log.info("deployer %s consuming %s (proxy ports from %s)", member, self.topics.commands,
+                 self.settings.proxy_port)
+        try:
+            while not self.stop.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().fatal():
+                        log.warning("consumer failed (%s): joining again", msg.error())
+                        consumer = self._replace(consumer, member)
+                    elif msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", msg.error())
+                    continue
+                if not self._process(msg):
+                    break  # stopping mid-command: leave the offset uncommitted
+                try:
+                    consumer.commit(message=msg, asynchronous=False)
+                except KafkaException as exc:
+                    # harmless: the command comes again and is answered from the store
+                    log.warning("offset commit failed (%s); the command will be answered again", exc)
+                    if exc.args and exc.args[0].fatal() or "FENCED" in str(exc):
+                        consumer = self._replace(consumer, member)
+        finally:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                consumer.close()
+            self.producer.flush(5)
+            self.deployer.close()
+        return 0
+
+    def _consumer(self, member: str) -> Any:
+        return kafka.consumer(
             self.settings.bootstrap_servers, f"{self.settings.topic_prefix}-deployer", [self.topics.commands],
             **{
                 "max.poll.interval.ms": 3_600_000,  # a build may take long; one command at a time
@@ -328,25 +360,13 @@ class DeployerService:
                 "heartbeat.interval.ms": 2_000,
             },
         )
-        log.info("deployer %s consuming %s (proxy ports from %s)", member, self.topics.commands,
-                 self.settings.proxy_port)
-        try:
-            while not self.stop.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", msg.error())
-                    continue
-                if not self._process(msg):
-                    break  # stopping mid-command: leave the offset uncommitted
-                consumer.commit(message=msg, asynchronous=False)
-        finally:
+
+    def _replace(self, consumer: Any, member: str) -> Any:
+        """A consumer that hit a fatal error (e.g. fenced after a broker restart) is unusable: a new one."""
+        with contextlib.suppress(KafkaException, RuntimeError):
             consumer.close()
-            self.producer.flush(5)
-            self.deployer.close()
-        return 0
+        self.stop.wait(1.0)
+        return self._consumer(member)
 
     def _process(self, msg: Any) -> bool:
         """True when the record is dealt with (reports acked or dead-lettered) and may be committed."""

@@ -165,8 +165,8 @@ def test_kill_9_mid_rollout_then_restart_reconciles_to_one_revision(
 ) -> None:
     import dataclasses
 
-    # health every second: the traffic shift takes ~2 s, a window to kill the deployer in
-    s = dataclasses.replace(psettings, health_interval=1.0)
+    # health every 2 s: the traffic shift (4 steps over one health interval) is a window to kill in
+    s = dataclasses.replace(psettings, health_interval=2.0)
     repo = Repo(tmp_path / "repo")
     app = app_config(app_id, repo)
     env = deployer_env(s)
