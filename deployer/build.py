@@ -263,7 +263,10 @@ class Builder:
 
     @property
     def client(self) -> Any:
-        return self._client_factory()
+        try:
+            return self._client_factory()
+        except Exception as exc:  # noqa: BLE001 - EngineUnavailable, socket errors ...
+            raise BuildFailed(f"no Docker engine: {exc}") from exc
 
     def build_log_path(self, app_id: int, build: int) -> Path:
         return self.data_dir / "logs" / "builds" / str(app_id) / f"{build}.log"

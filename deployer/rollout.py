@@ -266,7 +266,7 @@ class Rollouts:
         strategy = self.strategies.get(inst.kind)
         if strategy is not None:
             try:
-                strategy.stop(inst)
+                strategy.stop(inst, timeout=3 if self.stop.is_set() else 10)  # SIGTERM: done within 10 s
             except Exception as exc:  # noqa: BLE001 - keep going: stopping the rest matters more
                 log.warning("stop %s: %s", inst.id, exc)
         self.ports.release_owner(inst.id)

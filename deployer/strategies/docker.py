@@ -34,7 +34,10 @@ class DockerStrategy:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = self._client_factory()
+            try:
+                self._client = self._client_factory()
+            except Exception as exc:  # noqa: BLE001 - EngineUnavailable, socket errors ...
+                raise StartFailed(f"no Docker engine: {exc}") from exc
         return self._client
 
     def labels(self, app: dict[str, Any], revision: int, port: int = 0) -> dict[str, str]:

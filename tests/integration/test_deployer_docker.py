@@ -209,6 +209,21 @@ def app_config(app_id: int, settings: Settings, **extra: Any) -> dict[str, Any]:
             "strategy": "docker", "health_path": "/", **extra}
 
 
+# ----------------------------------------------------------------------------------- engine
+
+
+def test_a_container_of_the_local_base_image_answers_http_on_loopback(docker_client: Any) -> None:
+    assert ensure_base_image(docker_client) == docker_client.images.get(BASE_IMAGE).id  # idempotent
+    port = free_port()
+    c = docker_client.containers.run(BASE_IMAGE, ["sh", "-c", f"echo base > /www/index.html && "
+                                                 f"exec httpd -f -p 127.0.0.1:{port} -h /www"],
+                                     detach=True, network_mode="host", init=True, labels={"shipline.test": "1"})
+    try:
+        assert wait_until("httpd in the container", lambda: get(f"http://127.0.0.1:{port}") == (200, "base"))
+    finally:
+        c.remove(force=True)
+
+
 # ----------------------------------------------------------------------------------- builds
 
 

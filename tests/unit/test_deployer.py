@@ -277,3 +277,39 @@ def test_instance_ids_name_their_app_and_env_shapes() -> None:
     assert _app_of("nothing") is None
     assert app_env({"env": {"A": 1}}) == {"A": "1"}
     assert app_env({"env": [{"name": "B", "value": "2"}]}) == {"B": "2"}
+
+
+# -------------------------------------------------------------------------------- retention
+
+
+def test_process_builds_are_release_folders_and_only_the_newest_are_retained(tmp_path: Path) -> None:
+    from deployer.build import Builder, BuildLog
+
+    repo = tmp_path / "repo"
+    _git_repo(repo, {"VERSION": "0"})
+    store = Store(tmp_path / "data" / "state.db")
+    builder = Builder(tmp_path / "data", lambda: None, store, keep_images=2, stop=threading.Event())
+    app = {"app_id": 9, "strategy": "process", "repo_url": f"file://{repo}", "command": "true",
+           "build": {"test_command": "test -f VERSION"}}
+    tags = {}
+    for n in (1, 2, 3, 4):
+        (repo / "VERSION").write_text(str(n))
+        subprocess.run(["git", "-C", str(repo), "commit", "-qam", f"v{n}"], check=True)
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        log = BuildLog(tmp_path / f"build{n}.log")
+        outcome = builder.build(app, n, sha.strip(), app["repo_url"], log)
+        log.close()
+        assert outcome.status == "succeeded" and "tests passed" in log.tail()
+        tags[n] = outcome.tags[0]
+        assert (Path(tags[n].removeprefix("process:")) / "VERSION").read_text() == str(n)
+        if n == 1:  # build 1 goes live and stays live: it is never pruned while in use
+            store.set_release(Release(9, 1, tags[1], sha.strip(), "process", [], app))
+    kept = {b for b, *_ in store.images(9)}
+    assert kept == {4, 3, 1}
+    assert Path(tags[1].removeprefix("process:")).is_dir()
+    assert not Path(tags[2].removeprefix("process:")).exists()
+
+    failing = dict(app, build={"test_command": "echo nope; exit 7"})
+    log = BuildLog(tmp_path / "build5.log")
+    outcome = builder.build(failing, 5, sha.strip(), app["repo_url"], log)
+    assert (outcome.status, outcome.exit_code) == ("failed", 7) and "nope" in log.tail()
