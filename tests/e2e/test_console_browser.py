@@ -4,12 +4,14 @@
 local git repository by signed GitHub pushes; then, in the browser: sign in, see the history,
 press Rollback and watch the new revision become current without reloading, create a deploy hook
 and see its token once, redeliver an outbound delivery, and follow a delivery's timeline.
-Screenshots of the main pages are written to ``docs/screenshots/``.
+Screenshots of the main pages go to pytest's tmp dir, or to the folder named by
+``SHIPLINE_TEST_SCREENSHOTS`` (``SHIPLINE_TEST_SCREENSHOTS=docs/screenshots`` refreshes the README's).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -26,7 +28,6 @@ from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -77,7 +78,6 @@ def stack() -> Iterator[Stack]:
 
 def remove(s: Stack) -> None:
     """``Stack.remove``, then stop what this stack left running (HAProxy daemonizes itself)."""
-    import os
     import signal
 
     s.remove()
@@ -146,12 +146,16 @@ def reload_until(page: Any, selector: str, text: str, timeout: float = 60) -> No
         page.reload()
 
 
-def shot(page: Any, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where the screenshots go: ``SHIPLINE_TEST_SCREENSHOTS`` (relative to the repo) or a tmp dir."""
+    named = os.environ.get("SHIPLINE_TEST_SCREENSHOTS")
+    folder = ROOT / named if named else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def test_console_in_a_real_browser(stack: Stack) -> None:
+def test_console_in_a_real_browser(stack: Stack, screenshots: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     receiver = Receiver()
@@ -167,6 +171,9 @@ def test_console_in_a_real_browser(stack: Stack) -> None:
             page = context.new_page()
             page.set_default_timeout(WAIT_MS)
             expect.set_options(timeout=WAIT_MS)
+
+            def shot(page: Any, name: str) -> None:
+                page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
 
             # nothing without signing in
             page.goto(f"{base}/console/apps/{app_id}")
