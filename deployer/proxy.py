@@ -148,6 +148,15 @@ def render_config(state: ProxyState, *, stats_socket: Path) -> str:
     return "\n".join(lines)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -393,23 +402,41 @@ class Proxy:
     # ------------------------------------------------------------------ app operations
 
     def ensure_app(self, app_id: int, min_slots: int | None = None) -> int:
-        """Make sure the app's frontend and backend exist with enough slots; returns the proxy port."""
+        """Make sure the app's frontend and backend exist with enough slots; returns the proxy port.
+
+        If HAProxy cannot take the change (its port is taken by another program ...), the recorded
+        state is left as it was, so the other apps' next reload is not poisoned by it.
+        """
         need = max(self.default_slots, min_slots or 0)
         with self._locked() as state:
             running = self.running()
             app = state.apps.get(int(app_id))
+            before = None if app is None else AppProxy(app.app_id, app.port, [Slot(**asdict(x)) for x in app.slots])
             changed = False
             if app is None:
-                app = AppProxy(int(app_id), self.port_for(app_id), [])
+                port = self.port_for(app_id)
+                if not _port_free(port):
+                    raise ProxyError(f"proxy port {port} for app {app_id} is in use by another program "
+                                     f"(SHIPLINE_PROXY_PORT={self.base_port} + app id)")
+                app = AppProxy(int(app_id), port, [])
                 state.apps[app.app_id] = app
                 changed = True
             while len(app.slots) < need:
                 app.slots.append(Slot(f"s{len(app.slots) + 1}"))
                 changed = True
-            if not running:
-                self._start(state)
-            elif changed:
-                self._reload(state)
+            try:
+                if not running:
+                    self._start(state)
+                elif changed:
+                    self._reload(state)
+            except (ProxyError, OSError, subprocess.SubprocessError) as exc:
+                if before is None:
+                    state.apps.pop(int(app_id), None)
+                else:
+                    state.apps[int(app_id)] = before
+                with contextlib.suppress(ProxyError):
+                    self._write_config(state)
+                raise ProxyError(f"haproxy could not add app {app_id}: {exc}") from exc
             return app.port
 
     def remove_app(self, app_id: int) -> None:

@@ -247,8 +247,11 @@ class Rollouts:
         for o in r.old:
             if o.slot:
                 timeout = 2.0 if self.stop.is_set() else self.timing.drain_timeout
-                if not self.proxy.wait_idle(r.app_id, o.slot, timeout=timeout):
-                    dlog(f"{o.id} still had sessions after {timeout:g}s of draining")
+                try:
+                    if not self.proxy.wait_idle(r.app_id, o.slot, timeout=timeout):
+                        dlog(f"{o.id} still had sessions after {timeout:g}s of draining")
+                except ProxyError as exc:  # past the switch: the rollout goes forward whatever happens
+                    dlog(f"could not watch {o.id} drain: {exc}")
                 self._release_slot(r.app_id, o)
             self._stop_instance(o, dlog)
         if r.old:

@@ -23,7 +23,7 @@ from shipline import kafka
 from shipline.config import Settings
 from shipline.envelope import Envelope
 from shipline.messages import BuildImage, DeployRelease, Message, RunJob
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.integration.test_deployer_docker import (
     Load,
     Repo,
@@ -226,3 +226,46 @@ def test_kill_9_mid_rollout_then_restart_reconciles_to_one_revision(
                 p.kill()
         reports.close()
         logs.close()
+
+
+def test_adding_an_app_reloads_haproxy_seamlessly_and_a_taken_port_fails_only_that_deploy(
+    psettings: Settings, app_id: int, tmp_path: Path,
+) -> None:
+    import dataclasses
+    import socket
+
+    from deployer.ports import port_is_free
+    from deployer.service import Deployer
+
+    def four_free() -> int | None:
+        p = free_port()
+        return p if all(port_is_free(p + i) for i in range(4)) else None
+
+    base = wait_until("4 free ports in a row", four_free)
+    psettings = dataclasses.replace(psettings, proxy_port=base - app_id)
+    d = Deployer(psettings, threading.Event())
+    repo = Repo(tmp_path / "repo")
+    sha = repo.commit(version(1))
+    a = app_config(app_id, repo)
+    [ok] = d.handle(command(DeployRelease(app_id=app_id, revision=1, image="", commit=sha, app=a)))
+    assert ok.type == "deployed", ok.data
+    other = app_id + 1
+    b = dict(app_config(other, repo), name="other")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", psettings.proxy_port + other))
+    squatter.listen()
+    with Load(ok.data.url) as load:
+        wait_until("load running", lambda: load.total > 10)
+        [failed] = d.handle(command(DeployRelease(app_id=other, revision=1, image="", commit=sha, app=b)))
+        assert failed.type == "deploy.failed" and failed.data.step == "proxy" and "in use" in failed.data.reason
+        assert other not in d.proxy.state().apps  # not recorded: it cannot spoil the next reload
+        squatter.close()
+        for app_n in (other, other + 1, other + 2):  # three new frontends: three reloads under load
+            [added] = d.handle(command(DeployRelease(app_id=app_n, revision=1, image="", commit=sha,
+                                                     app=dict(b, app_id=app_n))))
+            assert added.type == "deployed", added.data
+            assert get(added.data.url) == (200, "v1")
+        before = load.total
+        wait_until("more load after the reloads", lambda: load.total > before + 10)
+    assert load.failures == [], load.failures[:5]
+    d.close()
