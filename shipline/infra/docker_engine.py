@@ -49,6 +49,7 @@ __all__ = [
     "ensure_base_image",
     "ensure_engine",
     "engine_client",
+    "engine_running",
     "stop_engine",
 ]
 
@@ -75,6 +76,11 @@ def _answers(base_url: str, client_timeout: float = 120) -> docker.DockerClient 
         return None
     except Exception:  # noqa: BLE001 - requests raises assorted errors for a dead socket
         return None
+
+
+def engine_running(docker_host: str = "") -> bool:
+    """Whether an engine answers (on ``docker_host``, else the default socket) without starting one."""
+    return _answers(docker_host or f"unix://{DEFAULT_SOCKET}") is not None
 
 
 @contextlib.contextmanager

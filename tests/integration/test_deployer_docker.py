@@ -27,7 +27,13 @@ from deployer.teardown import stop_everything
 from shipline import codec, kafka
 from shipline.config import Settings
 from shipline.envelope import Envelope, wrap
-from shipline.infra.docker_engine import BASE_IMAGE, ensure_base_image, ensure_engine
+from shipline.infra.docker_engine import (
+    BASE_IMAGE,
+    engine_running,
+    ensure_base_image,
+    ensure_engine,
+    stop_engine,
+)
 from shipline.messages import BuildImage, DeployRelease, Message, RunJob
 from tests.conftest import ROOT, TEST_DATA, free_port
 
@@ -38,11 +44,19 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> Any:
-    """The real engine (started by our code when none answers) and the local base image."""
-    client = ensure_engine(TEST_DATA, os.environ.get("DOCKER_HOST", ""), client_timeout=900)
+def docker_client() -> Iterator[Any]:
+    """The real engine (started by our code when none answers) and the local base image.
+
+    Like Kafka and PostgreSQL in ``tests/conftest.py``, an engine this session started is left
+    running for the next session, except in CI.
+    """
+    host = os.environ.get("DOCKER_HOST", "")
+    was_running = bool(host) or engine_running()
+    client = ensure_engine(TEST_DATA, host, client_timeout=900)
     ensure_base_image(client)
-    return client
+    yield client
+    if os.environ.get("CI") and not was_running:
+        stop_engine()
 
 
 def deployer_settings(settings: Settings, app_id: int, **changes: Any) -> Settings:
