@@ -1,0 +1,230 @@
+"""``python -m bench.ingress [--seconds 60]``: signed GitHub pushes against the gunicorn-served
+ingress on the local Kafka and PostgreSQL, then the same load against a bare Flask endpoint in the
+same gunicorn configuration; prints throughput, p50/p99, the ratio, and the exactly-once count
+by delivery id read back from Kafka. Numbers only: nothing here asserts on speed.
+
+Kafka and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` when set, else our own
+``shipline.infra`` servers under ``.shipline-bench/`` (stopped again if this run started them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import requests
+from cryptography.fernet import Fernet
+
+from bench.ingress import load
+from ingress.rebuild import read_topic
+from ingress.serve import gunicorn_argv
+from shipline.config import load as load_settings
+from shipline.topics import Topics, delete_prefixed, ensure_topics
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / ".shipline-bench"
+PUSH = {
+    "ref": "refs/heads/main",
+    "before": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+    "after": "59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5",
+    "repository": {"id": 881234567, "name": "shop", "full_name": "acme/shop",
+                   "html_url": "https://github.com/acme/shop", "clone_url": "https://github.com/acme/shop.git",
+                   "ssh_url": "git@github.com:acme/shop.git", "default_branch": "main"},
+    "pusher": {"name": "ada", "email": "ada@example.com"},
+    "sender": {"login": "ada", "id": 7654321, "type": "User"},
+    "created": False, "deleted": False, "forced": False, "base_ref": None,
+    "compare": "https://github.com/acme/shop/compare/6113728f27ae...59b20b8d5c6f",
+    "commits": [{"id": "59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5", "message": "Fix the checkout total",
+                 "timestamp": "2025-11-22T10:15:02+01:00", "author": {"name": "Ada", "email": "ada@example.com"},
+                 "added": [], "removed": [], "modified": ["shop/checkout.py"]}],
+    "head_commit": {"id": "59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5", "message": "Fix the checkout total",
+                    "author": {"name": "Ada", "email": "ada@example.com", "username": "ada"}},
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _services(stack: ExitStack) -> tuple[str, str]:
+    bootstrap, db = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""), os.environ.get("DATABASE_URL", "")
+    if not bootstrap:
+        from shipline.infra.kafka import LocalKafka
+
+        broker = LocalKafka(BENCH / "kafka", ROOT / ".shipline" / "cache",
+                            port=int(os.environ.get("SHIPLINE_BENCH_KAFKA_PORT", "29092")))
+        broker.start(timeout=300)
+        if not broker.adopted:
+            stack.callback(broker.stop)
+        bootstrap = broker.bootstrap
+    if not db:
+        from shipline.infra.postgres import LocalPostgres
+
+        server = LocalPostgres(BENCH / "postgres", port=int(os.environ.get("SHIPLINE_BENCH_PG_PORT", "25432")))
+        server.start(timeout=120)
+        if not server.reused:
+            stack.callback(server.stop)
+        db = server.url
+    return bootstrap, db
+
+
+def _serve(stack: ExitStack, env: dict[str, str], app: str, threads: int, log_name: str) -> tuple[str, int]:
+    settings = load_settings(env)
+    argv = gunicorn_argv(settings, app=app, threads=threads)
+    log = open(BENCH / log_name, "wb")  # noqa: SIM115 - closed by the stack
+    stack.callback(log.close)
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    stack.callback(stop)
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gunicorn exited; see {BENCH / log_name}")
+        try:
+            requests.get(base + "/healthz", timeout=5)  # any answer: the server is up
+            return base, proc.pid
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"gunicorn did not come up; see {BENCH / log_name}")
+
+
+def _request_maker(path: str, host: str, body: bytes, extra: dict[str, str]) -> load.Callable[[str], bytes]:
+    fixed = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"User-Agent: GitHub-Hookshot/bench\r\nX-GitHub-Event: push\r\nContent-Length: {len(body)}\r\n{fixed}")
+
+    def make(delivery: str) -> bytes:
+        return f"{head}X-GitHub-Delivery: {delivery}\r\n\r\n".encode() + body
+
+    return make
+
+
+def _cpu_seconds(master: int) -> float:
+    """CPU time used so far by a gunicorn master's worker processes (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _phase(label: str, master: int, port: int, make: load.Callable[[str], bytes], args: argparse.Namespace,
+           run_id: str) -> tuple[load.Result, float]:
+    cpu_before = _cpu_seconds(master)
+    result, seconds = load.run("127.0.0.1", port, make, clients=args.clients, warmup=args.warmup,
+                               seconds=args.seconds, label=f"{label[0]}{run_id}")
+    cpu = _cpu_seconds(master) - cpu_before
+    answered = sum(result.statuses.values())
+    rate = len(result.latencies) / seconds
+    p50, p99 = load.percentile(result.latencies, 50) * 1000, load.percentile(result.latencies, 99) * 1000
+    print(f"{label:<8} {rate:8.1f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   "
+          f"worker CPU {cpu / max(answered, 1) * 1000:5.2f} ms/req   "
+          f"statuses {dict(sorted(result.statuses.items()))}   client errors {result.errors}")
+    return result, rate
+
+
+def _exactly_once(bootstrap: str, topic: str, accepted: list[str]) -> None:
+    counts: dict[str, int] = {}
+    for _, _, value in read_topic(bootstrap, topic, timeout=120):
+        doc = json.loads(value or b"{}")
+        if doc.get("type") == "delivery.received":
+            delivery = doc["data"]["delivery_id"]
+            counts[delivery] = counts.get(delivery, 0) + 1
+    once = sum(1 for d in accepted if counts.get(d) == 1)
+    missing = sum(1 for d in accepted if d not in counts)
+    doubled = sum(1 for d in accepted if counts.get(d, 0) > 1)
+    unanswered = len(set(counts) - set(accepted))
+    print(f"exactly-once: {len(accepted)} deliveries answered 2xx; {once} in Kafka exactly once, "
+          f"{missing} missing, {doubled} more than once; {unanswered} in Kafka without a 2xx (client gave up)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--clients", type=int, default=32, help="concurrent keep-alive connections")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("SHIPLINE_WEB_WORKERS", "2")))
+    parser.add_argument("--threads", type=int, default=16, help="gthread threads per gunicorn worker")
+    parser.add_argument("--linger-ms", type=int, default=None, help="producer linger.ms (default: the app's)")
+    args = parser.parse_args()
+    BENCH.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]
+    with ExitStack() as stack:
+        bootstrap, db = _services(stack)
+        prefix = f"bench{run_id}"
+        ensure_topics(bootstrap, Topics(prefix), partitions=6)
+        stack.callback(delete_prefixed, bootstrap, prefix)
+        port = _free_port()
+        env = {
+            "SHIPLINE_DATA_DIR": str(BENCH / f"run-{run_id}"),
+            "SHIPLINE_HTTP": f"127.0.0.1:{port}",
+            "SHIPLINE_WEB_WORKERS": str(args.workers),
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "DATABASE_URL": db,
+            "SHIPLINE_TOPIC_PREFIX": prefix,
+            "SHIPLINE_DB_SCHEMA": prefix,
+            "SHIPLINE_ADMIN_TOKEN": uuid.uuid4().hex,
+            "SHIPLINE_SECRET_KEY": Fernet.generate_key().decode(),
+            "SHIPLINE_LOG_LEVEL": "WARNING",
+        }
+        stack.callback(_drop_schemas, db, prefix)
+        linger = "app default" if args.linger_ms is None else args.linger_ms
+        print(f"ingress bench: {args.seconds:g} s per phase, {args.clients} clients, gunicorn {args.workers} "
+              f"workers x {args.threads} threads (gthread), producer linger.ms {linger}, Kafka {bootstrap}, "
+              f"{os.cpu_count()} cores shared with everything else running")
+        factory = "ingress.serve:app_factory()" if args.linger_ms is None else \
+            f"ingress.serve:app_factory(linger_ms={args.linger_ms})"
+        base, master = _serve(stack, env, factory, args.threads, "ingress.log")
+        app = requests.post(f"{base}/api/v1/apps", json={"name": "shop", "namespace": "bench",
+                                                         "repo_url": "https://github.com/acme/shop"},
+                            headers={"Authorization": f"Bearer {env['SHIPLINE_ADMIN_TOKEN']}"}, timeout=30).json()
+        body = json.dumps(PUSH).encode()
+        from ingress.crypto import signature
+
+        make = _request_maker(f"/api/v1/webhooks/github/{app['id']}", f"127.0.0.1:{port}", body,
+                              {"X-Hub-Signature-256": signature(app["github_secret"], body)})
+        ingress_result, ingress_rate = _phase("ingress", master, port, make, args, run_id)
+
+        bare_port = _free_port()
+        bare_env = {**env, "SHIPLINE_HTTP": f"127.0.0.1:{bare_port}"}
+        _, bare_master = _serve(stack, bare_env, "bench.ingress.bare:create()", args.threads, "bare.log")
+        bare_make = _request_maker("/bare", f"127.0.0.1:{bare_port}", body, {})
+        _, bare_rate = _phase("bare", bare_master, bare_port, bare_make, args, run_id)
+        print(f"ratio    {ingress_rate / bare_rate if bare_rate else float('nan'):.2f} (ingress / bare Flask)")
+        _exactly_once(bootstrap, Topics(prefix).inbound, ingress_result.accepted)
+    return 0
+
+
+def _drop_schemas(db: str, prefix: str) -> None:
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (prefix + "%",)).fetchall()
+        for (name,) in rows:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+if __name__ == "__main__":
+    sys.exit(main())
