@@ -67,9 +67,9 @@ class PortAllocator:
     def allocate(self, owner: str) -> int:
         """A port for ``owner`` (the same one again if it already holds one)."""
         with self._locked() as table:
-            for port, who in table.items():
+            for held, who in table.items():
                 if who == owner:
-                    return int(port)
+                    return int(held)
             size = self.hi - self.lo + 1
             start = random.randrange(size)
             for i in range(size):

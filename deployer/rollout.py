@@ -190,7 +190,7 @@ class Rollouts:
         for inst in r.new:
             dlog(f"health check of {inst.id}: GET http://{inst.address}{path}")
             ok, why = wait_healthy(inst.port, path, interval=self.timing.health_interval,
-                                   timeout=self.timing.health_timeout, alive=lambda i=inst: strategy.alive(i),
+                                   timeout=self.timing.health_timeout, alive=_alive(strategy, inst),
                                    stop=self.stop)
             if self.stop.is_set():
                 raise Interrupted("stopping")
@@ -322,7 +322,7 @@ class Rollouts:
                     ok, why = wait_healthy(inst.port, r.app.get("health_path") or "/",
                                            interval=self.timing.health_interval,
                                            timeout=min(self.timing.health_timeout, 10),
-                                           alive=lambda i=inst: strategy.alive(i), stop=self.stop)
+                                           alive=_alive(strategy, inst), stop=self.stop)
                     if not ok:
                         self._undo(r, strategy, dlog)
                         return Outcome(False, r.revision, r.image, r.commit, step="recovery",
@@ -430,6 +430,10 @@ class Rollouts:
         self._release_slot(rel.app_id, dead)
         self._stop_instance(dead)
         return inst
+
+
+def _alive(strategy: Strategy, inst: Instance) -> Callable[[], tuple[bool, str]]:
+    return lambda: strategy.alive(inst)
 
 
 def _app_of(instance_id: str) -> int | None:
