@@ -323,6 +323,8 @@ class Rollouts:
                                            interval=self.timing.health_interval,
                                            timeout=min(self.timing.health_timeout, 10),
                                            alive=_alive(strategy, inst), stop=self.stop)
+                    if not ok and self.stop.is_set():
+                        return None  # stopping again: the next start recovers it
                     if not ok:
                         self._undo(r, strategy, dlog)
                         return Outcome(False, r.revision, r.image, r.commit, step="recovery",
@@ -357,6 +359,9 @@ class Rollouts:
                     except Exception:  # noqa: BLE001 - one app must not stop the others
                         log.exception("could not repair app %s", rel.app_id)
         for kind, strategy in self.strategies.items():
+            available = getattr(strategy, "available", None)
+            if available is not None and not available():
+                continue  # e.g. no Docker engine runs: then no container of ours runs either
             try:
                 running = strategy.running_ids()
             except Exception as exc:  # noqa: BLE001 - e.g. no Docker engine on this machine

@@ -118,7 +118,8 @@ class Deployer:
         self.docker_client = docker_client or docker_client_factory(settings)
         self.builder = Builder(data, self.docker_client, self.store, settings.keep_images, stop)
         self.strategies: dict[str, Strategy] = {
-            "docker": DockerStrategy(self.docker_client, self.scope, self.builder.rebuild),
+            "docker": DockerStrategy(self.docker_client, self.scope, self.builder.rebuild,
+                                     engine_up=lambda: _engine_running(settings.docker_host)),
             "process": ProcessStrategy(data, self.scope, self.builder.rebuild),
         }
         self.timing = timing or Timing(
@@ -261,6 +262,12 @@ class Deployer:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _engine_running(docker_host: str) -> bool:
+    from shipline.infra.docker_engine import engine_running
+
+    return engine_running(docker_host)
 
 
 def outcome_message(app_id: int, o: Outcome, image: str, commit: str) -> Message:

@@ -25,11 +25,17 @@ class DockerStrategy:
     kind = "docker"
 
     def __init__(self, client_factory: Callable[[], Any], scope: str,
-                 rebuild: Callable[[dict[str, Any], str, str, Any], str]) -> None:
+                 rebuild: Callable[[dict[str, Any], str, str, Any], str],
+                 engine_up: Callable[[], bool] = lambda: True) -> None:
         self._client_factory = client_factory
         self._client: Any = None
         self.scope = scope
         self.rebuild = rebuild
+        self._engine_up = engine_up
+
+    def available(self) -> bool:
+        """Whether an engine is there to look at without starting one (reconciliation only looks)."""
+        return self._client is not None or self._engine_up()
 
     @property
     def client(self) -> Any:
