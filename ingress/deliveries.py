@@ -13,6 +13,8 @@ import base64
 import uuid
 from collections.abc import Mapping
 
+from werkzeug.datastructures import Headers
+
 from shipline.envelope import Envelope, derive_id, now_iso, wrap
 from shipline.messages import DeliveryReceived
 
@@ -44,7 +46,7 @@ class BadDeliveryId(ValueError):
     pass
 
 
-def delivery_id(headers: Mapping[str, str]) -> str:
+def delivery_id(headers: Mapping[str, str] | Headers) -> str:
     """The sender's id for this delivery (so a redelivery is recognised), else a fresh uuid4."""
     for name in DELIVERY_ID_HEADERS:
         value = (headers.get(name) or "").strip()
@@ -55,7 +57,7 @@ def delivery_id(headers: Mapping[str, str]) -> str:
     return str(uuid.uuid4())
 
 
-def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def kept_headers(headers: Mapping[str, str] | Headers) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in KEPT_HEADERS:
         value = headers.get(name)
@@ -79,7 +81,7 @@ def records(
     source: str,
     route: str,
     event: str,
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | Headers,
     raw: bytes,
     verification: str,
     hook_id: str | None = None,

@@ -51,7 +51,7 @@ def _header(name: str, description: str, required: bool = False) -> dict[str, An
 
 APP_ID = {"name": "app_id", "in": "path", "required": True,
           "schema": {"type": "integer", "minimum": 1, "format": "int64"}}
-ADMIN = [{"admin": []}]
+ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 DELIVERY_HEADERS = [
     _header("X-GitHub-Delivery", "delivery id (redeliveries carry the same one)"),
     _header("Idempotency-Key", "delivery id for senders other than GitHub"),

@@ -48,7 +48,7 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> Iterator[tu
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            partition, offset = msg.partition(), msg.offset()
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             if partition in wanted:
                 yield partition, offset, msg.value()
                 if offset + 1 >= wanted[partition]:

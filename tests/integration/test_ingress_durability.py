@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_kafka_unreachable_answers_503_and_accepts_nothing(settings, ingress):  # noqa: F811
     app = ingress.register(repo_url="https://github.com/acme/shop", image="ghcr.io/acme/shop")
     path, secret = f"/api/v1/webhooks/github/{app['id']}", app["github_secret"]
-    dead = make_harness(settings, producer=producer("127.0.0.1:1", **{"message.timeout.ms": 1500}))
+    dead = make_harness(settings, producer=producer("127.0.0.1:1", **{"message.timeout.ms": 1500, "log_level": 0}))
     delivery = str(uuid.uuid4())
     payload = push_payload()
 
