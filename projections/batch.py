@@ -9,7 +9,8 @@ transaction:
   dropped: a second consumer that still holds a revoked partition cannot apply anything twice;
 * events whose id is already in ``audit`` are skipped (the producers upstream are at-least-once
   and may re-send an identical record at a new offset);
-* handlers run in a pipeline (no round trip per statement), the audit rows go in by COPY.
+* the folds' statements are recorded and sent in layers, many apps' rows per statement
+  (``projections.writer.Layered``); the audit rows go in by COPY.
 
 A record that cannot be decoded is rejected (before the commit). When the fast path fails,
 the batch is retried record by record, each in a savepoint, so only the records that fail are
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import psycopg
 
 from projections.handlers import HANDLERS, audit_data
+from projections.writer import Immediate, Layered
 from shipline import codec
 from shipline.envelope import Envelope
 
@@ -138,6 +140,10 @@ def _transaction(
 ) -> None:
     result.applied = result.duplicates = result.stale = 0
     with conn.transaction():
+        # the folds join their unnested rows to tables by primary key: a hash join over a seq scan
+        # (what the planner picks for a thousand rows into a small table) grows with the table
+        conn.execute("SET LOCAL enable_hashjoin = off")
+        conn.execute("SET LOCAL enable_mergejoin = off")
         conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (swap_lock_key(schema),))
         if generation is not None and schema_generation(conn, schema) != generation:
             raise SchemaSwapped(schema)
@@ -147,11 +153,14 @@ def _transaction(
             if careful:
                 _apply_carefully(conn, cur, fresh, result, reject)
             else:
+                writer = Layered()
+                for _, env in fresh:
+                    handler = HANDLERS.get(env.type)
+                    if handler is not None:
+                        writer.app_id = env.app_id
+                        handler(writer, env)
                 with conn.pipeline():
-                    for _, env in fresh:
-                        handler = HANDLERS.get(env.type)
-                        if handler is not None:
-                            handler(cur, env)
+                    writer.flush(cur)
                 with cur.copy(f"COPY audit ({AUDIT_COLUMNS}) FROM STDIN") as copy:
                     for rec, env in fresh:
                         copy.write_row(_audit_row(rec, env))
@@ -214,12 +223,13 @@ def _apply_carefully(
     result: Result,
     reject: Reject,
 ) -> None:
+    writer = Immediate(cur)
     for rec, env in fresh:
         try:
             with conn.transaction():  # a savepoint: a failing record undoes only itself
                 handler = HANDLERS.get(env.type)
                 if handler is not None:
-                    handler(cur, env)
+                    handler(writer, env)
                 cur.execute(
                     f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     _audit_row(rec, env),

@@ -321,7 +321,8 @@ def deliveries(
     before: datetime | None,
 ) -> list[dict[str, Any]]:
     """Inbound deliveries newest first; ``before`` is an exclusive ``received_at`` cursor."""
-    conds, params = [], []
+    conds: list[str] = []
+    params: list[Any] = []
     if app_id is not None:
         conds.append("d.app_id = %s")
         params.append(app_id)
@@ -451,7 +452,8 @@ def outbound(conn: Conn, schema: str, correlation_id: str, event_ids: list[str])
         )
     }
     cols = list(types)
-    conds, params = [], []
+    conds: list[str] = []
+    params: list[Any] = []
     if "event_id" in cols:
         conds.append("event_id::text = ANY(%s)")
         params.append(event_ids)

@@ -110,3 +110,42 @@ def test_cli_reports_an_unreachable_stack(capsys) -> None:
                      "SHIPLINE_SECRET_KEY": "k", "SHIPLINE_DATA_DIR": "/tmp/shipline-unit"})
     assert cli.main(["app", "list"], settings=settings) == 1
     assert "cannot reach Shipline at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+class RecordingCursor:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def execute(self, sql, params=()):  # type: ignore[no-untyped-def]
+        self.calls.append((sql, params))
+
+
+def test_layered_writer_keeps_each_apps_order_and_batches_across_apps() -> None:
+    from projections.writer import Immediate, Layered, Rows
+
+    first = Rows("INSERT INTO t SELECT * FROM {rows}", app_id="int8", x="text")
+    second = Rows("UPDATE t SET x = v.x FROM {rows} WHERE t.app_id = v.app_id", app_id="int8", x="text")
+    assert first.text == "INSERT INTO t SELECT * FROM unnest(%b::int8[], %b::text[]) AS v(app_id, x)"
+    w = Layered()
+    for app, statement, x in [(1, first, "a"), (2, first, "b"), (1, second, "c"), (3, second, "d"),
+                              (2, second, "e"), (1, second, "f")]:
+        w.app_id = app
+        w.rows(statement, app_id=app, x=x)
+    w.app_id = 2
+    w.execute("UPDATE t SET y = 1 WHERE app_id = %s", (2,))
+    cur = RecordingCursor()
+    assert w.flush(cur) == 5  # type: ignore[arg-type]
+    assert cur.calls == [
+        (first.text, [[1, 2], ["a", "b"]]),  # layer 1: first statement of apps 1 and 2 ...
+        (second.text, [[3], ["d"]]),  # ... and of app 3, which has its own statement
+        (second.text, [[1, 2], ["c", "e"]]),  # layer 2
+        (second.text, [[1], ["f"]]),  # layer 3: app 1's third, then app 2's plain statement
+        ("UPDATE t SET y = 1 WHERE app_id = %s", (2,)),
+    ]
+    assert w.flush(cur) == 0  # type: ignore[arg-type]
+
+    one = RecordingCursor()
+    Immediate(one).rows(first, app_id=9, x="z")  # type: ignore[arg-type]
+    assert one.calls == [(first.text, [[9], ["z"]])]
+    with pytest.raises(TypeError):
+        Immediate(one).rows(first, app_id=9)  # type: ignore[arg-type]
