@@ -369,7 +369,9 @@ class Builder:
         self._check_bases(client, dockerfile, log)
         log(f"$ docker build -t {tag} -f {dockerfile.name} {context.name}")
         chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
-        labels = {"shipline.app": str(app.get("app_id", "")), "shipline.build": str(build), "shipline.commit": sha}
+        # one label only: every LABEL is a build step (a container) in the classic builder; the app and
+        # the build number are in the tag already
+        labels = {"shipline.commit": sha}
 
         def pump() -> None:
             try:
