@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 
@@ -39,15 +39,6 @@ log = logging.getLogger(__name__)
 AUDIT_COLUMNS = (
     'event_id, type, app_id, time, sequence, correlation_id, causation_id, source, data, topic, partition, "offset"'
 )
-
-
-class Record(Protocol):
-    """What a batch needs of a consumed record (confluent-kafka's ``Message`` fits)."""
-
-    def topic(self) -> str | None: ...
-    def partition(self) -> int | None: ...
-    def offset(self) -> int | None: ...
-    def value(self) -> bytes | None: ...
 
 
 Reject = Callable[[Any, str], None]
@@ -100,7 +91,7 @@ def apply_batch(
     reject: Reject,
     generation: int | None = None,
 ) -> Result:
-    """Fold ``records`` (in consumption order) into ``schema`` exactly once; see the module doc.
+    """Fold ``records`` (confluent-kafka messages, in consumption order) into ``schema`` exactly once.
 
     ``conn`` is in autocommit mode with ``search_path`` set to ``schema``. ``reject(record,
     reason)`` is called for every record that cannot be decoded or applied, before the commit

@@ -7,7 +7,8 @@ whole batch (arrays of many), so there is one statement to get right, not two.
 ``Immediate`` runs each statement as the fold calls it (the careful, record-by-record path).
 ``Layered`` records each app's statements in order and runs them in *layers*: the first
 statement of every app, then the second, ... Within a layer every row belongs to a different
-app, and every fold touches only its own app's rows, so statements of different apps commute:
+app, and every fold touches only its own app's rows (keys such as hook ids are unique across
+apps), so statements of different apps commute:
 the layer's rows of one statement go to PostgreSQL as one multi-row statement, and each app's
 own order is kept because its statements sit in successive layers.
 """
