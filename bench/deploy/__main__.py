@@ -264,6 +264,7 @@ def main() -> int:
               f"{t.get('rollback -> v1', 0):>8.2f}s   {r['bodies']}")
         if r["failures"]:
             print(f"          first failures: {r['failures']}")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min) at the end of the run")
     print("deploy times: deploy.release produced -> deployed consumed (Kafka round trip included); "
           "goals <= 5 s busybox image, <= 2 s process; failed goal 0; rate goal >= 200 req/s every second")
     return 0
