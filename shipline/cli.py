@@ -150,6 +150,18 @@ def _up_detached(settings: config.Settings, args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     settings = config.load()
+    code = _stop_supervisor(settings)
+    if args.apps:
+        # The data plane (HAProxy and app instances) outlives the services on purpose, so
+        # deployed apps keep serving through a restart; --apps takes it down too.
+        from deployer.teardown import stop_everything
+
+        stop_everything(settings)
+        print("Deployed apps and the proxy stopped.")
+    return code
+
+
+def _stop_supervisor(settings: config.Settings) -> int:
     pid = _running_pid(settings)
     if pid is None:
         print("Shipline is not running.")
@@ -209,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-demo", action="store_true", help="do not run the push-to-deploy demo once ready")
     up.add_argument("--no-docker", action="store_true", help="do not start or use a Docker engine")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop a detached stack").set_defaults(func=cmd_down)
+    down = sub.add_parser("down", help="stop a detached stack (deployed apps keep serving)")
+    down.add_argument("--apps", action="store_true", help="also stop every deployed app and the proxy")
+    down.set_defaults(func=cmd_down)
     status = sub.add_parser("status", help="what runs and whether it is ready")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)

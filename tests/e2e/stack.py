@@ -61,8 +61,8 @@ class Stack:
         return time.monotonic() - t0
 
     def remove(self) -> None:
-        """Stop the stack if it runs and delete its data dir."""
-        self.cli("down", timeout=60)
+        """Stop the stack and its deployed apps, and delete its data dir."""
+        self.cli("down", "--apps", timeout=90)
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
     def log_tail(self, n: int = 80) -> str:
