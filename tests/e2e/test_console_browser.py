@@ -68,31 +68,12 @@ def stack() -> Iterator[Stack]:
             s.up()
         except AssertionError:
             # free_port() can race with other processes on a shared machine: once more, on new ports
-            remove(s)
+            s.remove()
             s = Stack()
             s.up()
         yield s
     finally:
-        remove(s)
-
-
-def remove(s: Stack) -> None:
-    """``Stack.remove``, then stop what this stack left running (HAProxy daemonizes itself)."""
-    import signal
-
-    s.remove()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(s.data_dir) + "/" in argv:
-            try:
-                os.kill(int(entry.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        s.remove()
 
 
 def deployed_app(stack: Stack, receiver: Receiver) -> dict[str, Any]:
