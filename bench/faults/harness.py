@@ -31,6 +31,7 @@ import requests
 
 from shipline import codec, kafka
 
+PROBE_GRACE = 2.0
 TARGETS = ["web", "streams", "deployer", "projector", "dispatcher", "kafka", "postgres"]
 
 
@@ -84,6 +85,7 @@ class Result:
     outbound_unstable: list[str] = field(default_factory=list)
     outage_answers: Counter[int] = field(default_factory=Counter)
     outbound_expected: int = 0
+    kafka_timeline: list[str] = field(default_factory=list)
     events: int = 0
     builds: int = 0
     revisions: int = 0
@@ -120,6 +122,7 @@ class Result:
             ("  never delivered", f"{len(self.outbound_missing)}  {self.outbound_missing[:5]}"),
             ("outbound delivery id unstable", f"{len(self.outbound_unstable)}"),
             ("answers while Kafka was down", f"{dict(self.outage_answers)} (2xx: {self.outage_2xx})"),
+            ("  kafka outage", "; ".join(self.kafka_timeline)),
             ("events in the log", str(self.events)),
             ("builds / revisions / deployed", f"{self.builds} / {self.revisions} / {self.deployed}"),
             ("quiesced", "yes" if self.quiesced else "NO (timed out)"),
@@ -261,15 +264,17 @@ class FaultRun:
         from shipline.envelope import wrap
         from shipline.messages import DeployHookDeleted
 
-        p = kafka.producer(self.stack.bootstrap, **{"message.timeout.ms": 1500})
+        # reconnect fast: librdkafka's default back-off grows to 10 s and would date "back" late
+        p = kafka.producer(self.stack.bootstrap, **{"message.timeout.ms": 1000, "reconnect.backoff.ms": 20,
+                                                    "reconnect.backoff.max.ms": 200})
         probe = wrap(DeployHookDeleted(app_id=0, hook_id="probe"), source="faults")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                kafka.send_sync(p, self.probe_topic, probe, timeout=3)
+                kafka.send_sync(p, self.probe_topic, probe, timeout=1.5)
                 return time.time()
             except kafka.NotDurable:
-                time.sleep(0.2)
+                time.sleep(0.1)
         return None
 
     def inject(self, target: str) -> None:
@@ -398,7 +403,15 @@ class FaultRun:
         for fault in r.faults:
             if fault.target != "kafka":
                 continue
-            down_to = fault.kafka_back_at or time.time()
+            # The probe notices the broker back within ~1.5 s; a request that ended more than
+            # PROBE_GRACE before that never had a broker to acknowledge it.
+            back = fault.kafka_back_at or time.time()
+            down_to = back - PROBE_GRACE
+            first_2xx = min((end for start, end, _d, _a, status in self.answers
+                             if start >= fault.killed_at and 200 <= status < 300), default=None)
+            r.kafka_timeline.append(
+                f"broker acks again {back - fault.killed_at:.1f}s after the kill; first 2xx answered "
+                + (f"{first_2xx - fault.killed_at:.1f}s after" if first_2xx else "never"))
             for start, end, _d, _a, status in self.answers:
                 if fault.killed_at <= start and end <= down_to:  # the whole request saw no broker
                     r.outage_answers[status] += 1
