@@ -67,7 +67,7 @@ def send_many_sync(p: Producer, topic: str, envs: list[Envelope], timeout: float
             if err is not None:
                 errors.append(str(err))
             else:
-                results[index] = (msg.partition(), msg.offset())
+                results[index] = (msg.partition() or 0, msg.offset() or 0)
             remaining[0] -= 1
             if remaining[0] == 0:
                 done.set()
@@ -93,7 +93,7 @@ def send_many_sync(p: Producer, topic: str, envs: list[Envelope], timeout: float
 
 def dead_letter(p: Producer, topic: str, msg: Message, reason: str, consumer_name: str) -> None:
     """Send an undecodable or unappliable record, byte for byte, to the dead-letter topic."""
-    headers = [
+    headers: list[tuple[str, str | bytes | None]] = [
         ("x-shipline-reason", reason[:2000].encode()),
         ("x-shipline-consumer", consumer_name.encode()),
         ("x-shipline-origin", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
