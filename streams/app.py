@@ -15,6 +15,7 @@ from typing import Any
 import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
+from faust.types import TP
 
 from shipline.config import Settings
 from streams.agent import Send, Sequencer, StateStore, TableStore
@@ -26,6 +27,7 @@ TABLE = "apps"
 STATE_CODEC = "shipline_app_state"
 BATCH = 500  # records decided per batch (outputs of a batch are sent together, then acked)
 BATCH_WITHIN = 0.01  # seconds a partial batch waits for more records (bounds the added latency)
+HEAL_EVERY = 3.0  # seconds between checks for records the transport fetched but never delivered
 
 
 class StateCodec(codecs.Codec):
@@ -127,7 +129,11 @@ def create_app(
     async def produce(topic: str, key: bytes | None, value: bytes, headers: Any) -> Any:
         return await app.producer.send(topic, key, value, None, None, headers)
 
-    sequencer = Sequencer(topics, store or TableStore(table), send or produce)
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        await app.consumer.seek(TP(topic, partition), offset)
+
+    sequencer = Sequencer(topics, store or TableStore(table), send or produce, None if send else seek)
+    _keep_holes_unacked(app)
     app.sequencer = sequencer  # type: ignore[attr-defined]  # for tests and the benchmark
 
     @app.agent(source, name="decide")
@@ -142,7 +148,63 @@ def create_app(
                 on_fatal(exc)
                 raise
 
+    @app.timer(HEAL_EVERY)
+    async def refetch_dropped() -> None:
+        await refetch_dropped_records(app, sequencer, {topics.inbound, topics.reports})
+
     return app
+
+
+def _keep_holes_unacked(app: faust.App) -> None:
+    """Never count offsets the agent did not see as processed.
+
+    faust-streaming 0.15 can drop input records it has already taken from aiokafka when a
+    rebalance or recovery suspends the flow mid-batch (its fetch loop breaks off the batch, a
+    cleared queue loses what it held). When the next record arrives it treats the missing
+    offsets as a "gap" (meant for transaction markers) and acks them, so they would be
+    committed without ever being decided: lost for good. Our inputs are written without
+    transactions, so they have no legitimate holes: we keep the gaps unacked (the commit stops
+    before them) and the agent fetches them again (``Sequencer.handle``, ``refetch_dropped``).
+    """
+    consumer = app.consumer
+
+    async def _add_gap(tp: TP, offset_from: int, offset_to: int) -> None:
+        log.warning("%s/%s: offsets %s..%s skipped by the transport; not acking them",
+                    tp.topic, tp.partition, offset_from, offset_to - 1)
+
+    consumer._add_gap = _add_gap  # type: ignore[method-assign]
+
+
+async def refetch_dropped_records(app: faust.App, sequencer: Sequencer, inputs: set[str]) -> None:
+    """Fetch again what the transport dropped at the end of a partition.
+
+    A hole followed by more records is caught by the agent itself; records dropped at the tail
+    of a partition are not followed by anything. If a partition made no progress since the last
+    check and aiokafka's position is past the next offset the agent expects, seek back to it.
+    Records decided before are skipped by the per-app offsets (``decide.step``): a needless
+    seek costs a re-read, never a duplicate.
+    """
+    recovery = app.tables.recovery
+    if app.rebalancing or recovery.in_recovery or not recovery.completed.is_set():
+        return
+    consumer = app.consumer
+    assigned = {tp for tp in consumer.assignment() if tp.topic in inputs}
+    for key in [k for k in sequencer.next_offsets if TP(*k) not in assigned]:
+        del sequencer.next_offsets[key]
+    committed = getattr(consumer, "_committed_offset", {})
+    for tp in sorted(assigned):
+        expected = sequencer.next_offsets.get((tp.topic, tp.partition))
+        if expected is None:
+            expected = committed.get(tp) or 0
+        stalled = sequencer.checked.get((tp.topic, tp.partition)) == expected
+        sequencer.checked[(tp.topic, tp.partition)] = expected
+        if not stalled:
+            continue
+        position = await consumer.position(tp)
+        if position is not None and position > expected:
+            log.warning("%s/%s: consumer is at %s but the agent expected %s next; fetching again from %s",
+                        tp.topic, tp.partition, position, expected, expected)
+            await consumer.seek(tp, expected)
 
 
 def changelog_topic(app: faust.App) -> str:
