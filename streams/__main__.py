@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
+import time
 
 from shipline import bootstrap
 from shipline.config import Settings
@@ -12,6 +15,36 @@ from shipline.topics import ensure_topics
 
 log = logging.getLogger("streams")
 STOP_GRACE = 8.0  # seconds app.stop() may take before we leave anyway (supervisor allows 10)
+RECOVERY_STALL = 45.0  # seconds of table recovery without progress before the worker starts afresh
+
+
+class RecoveryWatch:
+    """Tells when table recovery has made no progress for ``limit`` seconds.
+
+    faust-streaming 0.15 can stop receiving changelog records while it recovers in a process
+    that already ran (a rebalance under load); recovery then waits forever and the worker's apps
+    stall. A fresh process recovers from the changelog reliably, so the worker re-executes
+    itself: safe at any moment, exactly like a kill -9 and restart (see streams/agent.py).
+    """
+
+    def __init__(self, limit: float = RECOVERY_STALL) -> None:
+        self.limit = limit
+        self.since: float | None = None
+        self.remaining: int | None = None
+
+    def stalled(self, in_recovery: bool, remaining: int, now: float) -> bool:
+        if not in_recovery:
+            self.since = self.remaining = None
+            return False
+        if self.since is None or self.remaining is None or remaining < self.remaining:
+            self.since, self.remaining = now, remaining
+            return False
+        return now - self.since > self.limit
+
+
+def _restart_afresh() -> None:
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, "-m", "streams"])
 
 
 async def serve(settings: Settings, stop: threading.Event) -> None:
@@ -22,9 +55,14 @@ async def serve(settings: Settings, stop: threading.Event) -> None:
     await loop.run_in_executor(None, ensure_changelog, settings, app)
     await app.start()
     log.info("streams worker started (group %s)", app.conf.id)
+    watch = RecoveryWatch()
     try:
         while not stop.is_set() and not app.should_stop:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            recovery = app.tables.recovery
+            if watch.stalled(recovery.in_recovery, recovery.active_remaining_total(), time.monotonic()):
+                log.error("table recovery made no progress for %.0fs; starting this worker afresh", watch.limit)
+                _restart_afresh()
     finally:
         log.info("streams worker stopping")
         try:

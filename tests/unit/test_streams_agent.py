@@ -122,3 +122,36 @@ def test_table_values_are_our_json() -> None:
     raw = StateCodec()._dumps(state)
     assert json.loads(raw)["sequence"] == 9
     assert StateCodec()._loads(raw) == state
+
+
+def test_a_hole_in_an_input_partition_is_fetched_again_not_skipped() -> None:
+    """faust-streaming can drop fetched records around a recovery: never decide past a hole."""
+    topics = Topics("u")
+    store, sent, seeks = MemoryStore(), Recorder(), []
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        seeks.append((topic, partition, offset))
+
+    seq = Sequencer(topics, store, sent, seek)
+    first = [Msg(topics.inbound, 0, b"5", register(5)), Msg(topics.inbound, 1, b"5", push(5, "a"))]
+    asyncio.run(seq.handle(first))
+    later = [Msg(topics.inbound, 4, b"5", push(5, "d")), Msg(topics.inbound, 5, b"5", push(5, "e"))]
+    asyncio.run(seq.handle(later))  # offsets 2 and 3 never arrived
+    assert seeks == [(topics.inbound, 0, 2)]
+    assert store.states[b"5"].builds == 1 and store.states[b"5"].positions == {"inbound": 1}
+    again = [Msg(topics.inbound, n, b"5", push(5, f"x{n}")) for n in (2, 3, 4, 5)]
+    asyncio.run(seq.handle(again))
+    assert store.states[b"5"].builds == 5 and store.states[b"5"].positions == {"inbound": 5}
+    assert seeks == [(topics.inbound, 0, 2)]
+
+
+def test_recovery_watch_fires_only_without_progress() -> None:
+    from streams.__main__ import RecoveryWatch
+
+    w = RecoveryWatch(limit=10)
+    assert not w.stalled(True, 100, 0.0)
+    assert not w.stalled(True, 50, 8.0)  # progress restarts the clock
+    assert not w.stalled(True, 50, 17.0)
+    assert w.stalled(True, 50, 18.5)
+    assert not w.stalled(False, 0, 19.0)
+    assert not w.stalled(True, 50, 30.0)
