@@ -15,7 +15,7 @@ from shipline.topics import ensure_topics
 
 log = logging.getLogger("streams")
 STOP_GRACE = 8.0  # seconds app.stop() may take before we leave anyway (supervisor allows 10)
-RECOVERY_STALL = 45.0  # seconds of table recovery without progress before the worker starts afresh
+RECOVERY_STALL = 20.0  # seconds of table recovery without progress before the worker starts afresh
 
 
 class RecoveryWatch:

@@ -109,6 +109,8 @@ def create_app(
         # broker, and a stuck transaction would stall every app on that partition.
         processing_guarantee="at_least_once",
         producer_acks=-1,
+        producer_max_batch_size=512 * 1024,  # outputs of a batch go out in few requests
+        producer_linger=0.005,  # ...and a batch waits at most 5 ms for company (latency budget)
         broker_session_timeout=10.0,  # a killed worker's apps move to a survivor within ~10 s
         broker_heartbeat_interval=1.0,
         broker_commit_interval=1.0,

@@ -39,6 +39,7 @@ from shipline.topics import Topics, delete_prefixed, ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / ".shipline-bench"
+WARMUP = 3.0  # seconds of steady pushes before latency samples count
 
 
 def _kafka(stack: ExitStack) -> str:
@@ -55,12 +56,12 @@ def _kafka(stack: ExitStack) -> str:
     return broker.bootstrap
 
 
-def push(app_id: int, n: int) -> Envelope:
+def push(app_id: int, n: int, prefix: str = "bench") -> Envelope:
     sha = f"{n + 1:040x}"
     body = json.dumps({"ref": "refs/heads/main", "after": sha, "deleted": False,
                        "head_commit": {"id": sha, "message": f"change {n}", "author": {"name": "Bench"}},
                        "repository": {"clone_url": "https://example.invalid/app.git"}})
-    return wrap(DeliveryReceived(app_id=app_id, delivery_id=f"bench-{uuid.uuid4()}", source="github",
+    return wrap(DeliveryReceived(app_id=app_id, delivery_id=f"{prefix}-{uuid.uuid4()}", source="github",
                                  route="/api/webhook", event="push", headers={"X-GitHub-Event": "push"},
                                  body=body, body_encoding="utf8", verification="hmac",
                                  received_at="2026-01-01T00:00:00Z"), source="bench")
@@ -124,7 +125,11 @@ def _parse(ts: str) -> float:
 
 def latency(bootstrap: str, topics_in: str, topic_out: str, wanted: str | None, apps: int, rate: int,
             seconds: float) -> list[float]:
-    """Produce pushes at ``rate``/s; ms from each push's envelope time to consuming its output."""
+    """Produce pushes at ``rate``/s; ms from each push's envelope time to consuming its output.
+
+    The first ``WARMUP`` seconds of pushes are not counted: they would measure the reader's own
+    start (group join, first fetch), not the pipeline.
+    """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-lat-{uuid.uuid4().hex[:6]}",
                          "auto.offset.reset": "latest", "enable.auto.commit": False, "log_level": 3,
                          "fetch.wait.max.ms": 5})
@@ -144,7 +149,7 @@ def latency(bootstrap: str, topics_in: str, topic_out: str, wanted: str | None, 
                     continue
                 received = time.time()
                 env = codec.decode(m.value())
-                if wanted is None or env.type == wanted:
+                if (wanted is None or env.type == wanted) and env.data.delivery_id.startswith("lat-"):
                     samples.append((received - _parse(env.time)) * 1000)
             if done.is_set() and end is None:
                 end = time.monotonic() + 15
@@ -155,12 +160,13 @@ def latency(bootstrap: str, topics_in: str, topic_out: str, wanted: str | None, 
     reader.start()
     p = kafka.producer(bootstrap, **{"linger.ms": 0})
     started = time.monotonic()
-    for i in range(total):
+    warmup = int(rate * WARMUP)
+    for i in range(warmup + total):
         due = started + i / rate
         pause = due - time.monotonic()
         if pause > 0:
             time.sleep(pause)
-        env = push(1 + i % apps, 10_000_000 + i)
+        env = push(1 + i % apps, 10_000_000 + i, "warm" if i < warmup else "lat")
         p.produce(topics_in, key=env.key, value=codec.encode(env))
         p.poll(0)
     p.flush(30)
