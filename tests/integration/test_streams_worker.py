@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 from shipline import kafka
 from shipline.config import Settings
 from shipline.envelope import wrap
-from shipline.messages import BuildFinished, Deployed
+from shipline.messages import BuildFinished, DeliveryReceived, Deployed, RequestDeploy
 from tests.integration.test_streams_kit import (
     Reader,
     Worker,
@@ -79,6 +80,60 @@ def test_worker_turns_requests_deliveries_and_reports_into_sequenced_events(sett
         assert requested.data.image == "app1:1-c0ffeec"
         assert worker.stop() < 10  # SIGTERM stops it within 10 s
         assert worker.proc.returncode == 0, worker.tail()
+    finally:
+        worker.stop()
+        reader.close()
+
+
+def test_worker_decides_jobs_rollbacks_supersedes_and_rejections(settings: Settings) -> None:
+    t = settings.topics
+    worker = Worker(settings, "b")
+    reader = Reader(settings, [t.events, t.commands])
+
+    def deployed(revision: int) -> object:
+        return wrap(Deployed(app_id=3, revision=revision, image=f"registry.local/app3:v{revision}", commit="",
+                             instances=["i"], duration=1.0, url=""), source="deployer")
+
+    job = wrap(DeliveryReceived(app_id=4, delivery_id="job-1", source="shipmight", route="/api/v1/dh", event="job",
+                                headers={}, body=json.dumps({"instanceEnvironmentVariables": [
+                                    {"name": "TASK", "value": "reindex"}]}),
+                                body_encoding="utf8", verification="deploy_hook",
+                                received_at="2026-01-01T00:00:00Z"), source="test")
+    try:
+        produce(settings, t.inbound, [register(3), register(4, kind="job", image="registry.local/batch:7"), job]
+                + [hook(3, f"v{n}", f"registry.local/app3:v{n}") for n in (1, 2)])
+        # inbound and reports are two topics: no order between them, so wait before reporting
+        reader.until(lambda: sum(e.type == "deploy.requested" for e in reader.envelopes(t.events)) == 2,
+                     "two revisions requested", workers=[worker])
+        produce(settings, t.reports, [deployed(1)])  # v2 is released once v1 is live
+        reader.until(lambda: any(c.type == "deploy.release" and c.data.revision == 2
+                                 for c in reader.envelopes(t.commands)), "revision 2 released", workers=[worker])
+        produce(settings, t.reports, [deployed(2)])
+        reader.until(lambda: sum(e.type == "deployed" for e in reader.envelopes(t.events)) == 2,
+                     "revision 2 live", workers=[worker])
+        produce(settings, t.inbound, [
+            wrap(RequestDeploy(app_id=3, request_id="rb-1", trigger="rollback"), source="test"),
+            hook(3, "v4", "registry.local/app3:v4"), hook(3, "v5", "registry.local/app3:v5"),
+            wrap(RequestDeploy(app_id=3, request_id="rb-9", trigger="rollback", revision=99), source="test"),
+        ])
+        reader.until(lambda: any(e.type == "request.rejected" for e in reader.envelopes(t.events)),
+                     "the impossible rollback refused", workers=[worker])
+        events = reader.distinct(t.events)
+        check_sequences(events)
+        app3 = sorted((e for e in events.values() if e.app_id == 3), key=lambda e: e.sequence or 0)
+        rollback = next(e for e in app3 if e.type == "deploy.requested" and e.data.trigger == "rollback")
+        assert rollback.correlationid == "rb-1" and rollback.data.image == "registry.local/app3:v1"
+        assert rollback.data.revision == 3
+        superseded = [e.data for e in app3 if e.type == "deploy.superseded"]
+        assert [(d.revision, d.superseded_by) for d in superseded] == [(4, 5)]  # v4 waited behind the rollback
+        rejected = next(e for e in app3 if e.type == "request.rejected")
+        assert rejected.correlationid == "rb-9" and "99" in rejected.data.reason
+        runs = [c for c in reader.envelopes(t.commands) if c.type == "job.run"]
+        assert len(runs) == 1 and runs[0].data.env == {"TASK": "reindex"}
+        assert runs[0].data.image == "registry.local/batch:7" and runs[0].correlationid == "job-1"
+        releases = sorted({c.data.revision for c in reader.envelopes(t.commands)
+                           if c.type == "deploy.release" and c.app_id == 3})
+        assert releases == [1, 2, 3]  # 5 waits for the rollback (3) to finish; 4 was superseded
     finally:
         worker.stop()
         reader.close()
