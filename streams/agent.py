@@ -15,6 +15,10 @@ copies that consumers drop by id. A kill between 3 and 4 replays records the sav
 already applied; the state records the offset it applied per input topic and ``step`` skips
 them. Nothing is decided twice with a different outcome and nothing is skipped.
 
+Limit: with at-least-once nothing fences a *zombie* (a worker that stalls past its session
+timeout, loses its partitions, then wakes and writes once more); Kafka transactions would. A
+killed, stopped or crashed worker writes nothing after it is gone, which is what the tests show.
+
 Dependencies (where states live, how records are sent) are injected, so the loop runs the same
 against Faust's table and producer or against in-memory fakes in unit tests.
 """
