@@ -22,6 +22,7 @@ def stack() -> Iterator[Stack]:
         s.remove()
 
 
+@pytest.mark.timeout(900)  # ~80 s of load and faults, then up to 300 s for the pipeline to settle
 def test_kill_each_part_in_turn_under_load(stack: Stack) -> None:
     result = FaultRun(stack, apps=3, rate=3.0, settle=5.0, quiesce_timeout=300).run()
     table = result.table()
