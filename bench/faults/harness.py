@@ -86,6 +86,7 @@ class Result:
     outage_answers: Counter[int] = field(default_factory=Counter)
     outbound_expected: int = 0
     kafka_timeline: list[str] = field(default_factory=list)
+    pending: str = ""
     events: int = 0
     builds: int = 0
     revisions: int = 0
@@ -125,7 +126,7 @@ class Result:
             ("  kafka outage", "; ".join(self.kafka_timeline)),
             ("events in the log", str(self.events)),
             ("builds / revisions / deployed", f"{self.builds} / {self.revisions} / {self.deployed}"),
-            ("quiesced", "yes" if self.quiesced else "NO (timed out)"),
+            ("quiesced", "yes" if self.quiesced else f"NO (timed out: {self.pending})"),
             ("elapsed", f"{self.elapsed:.0f}s"),
         ]
         width = max(len(r[0]) for r in rows)
@@ -328,9 +329,13 @@ class FaultRun:
             expected = set(self._expected_outbound(events))
             with self.receiver.lock:
                 delivered = {did for _, did in self.receiver.got}
-            if accepted <= projected and expected <= delivered and self._settled(events):
+            settled = self._settled(events)
+            if accepted <= projected and expected <= delivered and settled:
                 self.result.quiesced = True
                 return events
+            self.result.pending = (f"{len(accepted - projected)} accepted deliveries not projected, "
+                                   f"{len(expected - delivered)} outbound deliveries not received, "
+                                   f"builds/deploys settled: {settled}")
             time.sleep(2)
         return events or self._events()
 
