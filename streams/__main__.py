@@ -48,7 +48,7 @@ def _restart_afresh() -> None:
 
 
 async def serve(settings: Settings, stop: threading.Event) -> None:
-    from streams.app import create_app, ensure_changelog
+    from streams.app import create_app, ensure_changelog, recovery_of
 
     app = create_app(settings)  # inside the running loop: Faust binds to it
     loop = asyncio.get_running_loop()
@@ -59,7 +59,7 @@ async def serve(settings: Settings, stop: threading.Event) -> None:
     try:
         while not stop.is_set() and not app.should_stop:
             await asyncio.sleep(0.5)
-            recovery = app.tables.recovery
+            recovery = recovery_of(app)
             if watch.stalled(recovery.in_recovery, recovery.active_remaining_total(), time.monotonic()):
                 log.error("table recovery made no progress for %.0fs; starting this worker afresh", watch.limit)
                 _restart_afresh()

@@ -10,11 +10,13 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
+from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
 from faust.types import TP
 
 from shipline.config import Settings
@@ -145,7 +147,7 @@ def create_app(
     @app.agent(source, name="decide")
     async def decide_agent(stream: Any) -> None:
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
-            recovery = app.tables.recovery
+            recovery = recovery_of(app)
             if await_recovery and not recovery.completed.is_set():  # Faust pauses inputs until
                 await recovery.completed.wait()  # the table is recovered anyway; be sure
             try:
@@ -159,6 +161,10 @@ def create_app(
         await refetch_dropped_records(app, sequencer, {topics.inbound, topics.reports})
 
     return app
+
+
+def recovery_of(app: faust.App) -> Recovery:
+    return cast(TableManager, app.tables).recovery
 
 
 def _keep_holes_unacked(app: faust.App) -> None:
@@ -178,7 +184,7 @@ def _keep_holes_unacked(app: faust.App) -> None:
         log.warning("%s/%s: offsets %s..%s skipped by the transport; not acking them",
                     tp.topic, tp.partition, offset_from, offset_to - 1)
 
-    consumer._add_gap = _add_gap  # type: ignore[method-assign]
+    consumer._add_gap = _add_gap  # type: ignore[attr-defined]
 
 
 async def refetch_dropped_records(app: faust.App, sequencer: Sequencer, inputs: set[str]) -> None:
@@ -190,7 +196,7 @@ async def refetch_dropped_records(app: faust.App, sequencer: Sequencer, inputs: 
     Records decided before are skipped by the per-app offsets (``decide.step``): a needless
     seek costs a re-read, never a duplicate.
     """
-    recovery = app.tables.recovery
+    recovery = recovery_of(app)
     if app.rebalancing or recovery.in_recovery or not recovery.completed.is_set():
         return
     consumer = app.consumer

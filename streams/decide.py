@@ -15,29 +15,43 @@ import base64
 import dataclasses
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from shipline.envelope import Envelope, derive_id
 from shipline.messages import (
     AppDeleted,
     AppRegistered,
     AppUpdated,
+    BuildFinished,
     BuildImage,
     BuildQueued,
+    CreateDeployHook,
+    CreateSubscription,
+    DeleteApp,
+    DeleteDeployHook,
+    DeleteSubscription,
     DeliveryAccepted,
     DeliveryDuplicate,
+    DeliveryReceived,
+    Deployed,
+    DeployFailed,
     DeployHookCreated,
     DeployHookDeleted,
     DeployRelease,
     DeployRequested,
     DeploySuperseded,
+    EnableWebhookToken,
     JobRequested,
     Message,
+    RegisterApp,
+    RequestDeploy,
     RequestRejected,
     RunJob,
     SubscriptionCreated,
     SubscriptionDeleted,
     SubscriptionUpdated,
+    UpdateApp,
+    UpdateSubscription,
     WebhookTokenDisabled,
     WebhookTokenEnabled,
 )
@@ -142,7 +156,7 @@ def _require_app(s: AppState) -> None:
 
 
 def _register(s: AppState, env: Envelope, out: Outputs) -> None:
-    r = env.data
+    r = cast(RegisterApp, env.data)
     if s.config is not None:
         raise Rejected(f"app {s.app_id} is already registered")
     out.emit(AppRegistered(
@@ -154,28 +168,30 @@ def _register(s: AppState, env: Envelope, out: Outputs) -> None:
 
 def _update(s: AppState, env: Envelope, out: Outputs) -> None:
     _require_app(s)
-    out.emit(AppUpdated(app_id=s.app_id, changes=env.data.changes, requested_by=env.data.requested_by))
+    r = cast(UpdateApp, env.data)
+    out.emit(AppUpdated(app_id=s.app_id, changes=r.changes, requested_by=r.requested_by))
 
 
 def _delete(s: AppState, env: Envelope, out: Outputs) -> None:
     _require_app(s)
-    out.emit(AppDeleted(app_id=s.app_id, requested_by=env.data.requested_by))
+    out.emit(AppDeleted(app_id=s.app_id, requested_by=cast(DeleteApp, env.data).requested_by))
 
 
 def _hook_create(s: AppState, env: Envelope, out: Outputs) -> None:
     _require_app(s)
-    r = env.data
+    r = cast(CreateDeployHook, env.data)
     out.emit(DeployHookCreated(app_id=s.app_id, hook_id=r.hook_id, name=r.name, token_hash=r.token_hash,
                                token_prefix=r.token_prefix))
 
 
 def _hook_delete(s: AppState, env: Envelope, out: Outputs) -> None:
-    out.emit(DeployHookDeleted(app_id=s.app_id, hook_id=env.data.hook_id))
+    out.emit(DeployHookDeleted(app_id=s.app_id, hook_id=cast(DeleteDeployHook, env.data).hook_id))
 
 
 def _token_enable(s: AppState, env: Envelope, out: Outputs) -> None:
     _require_app(s)
-    out.emit(WebhookTokenEnabled(app_id=s.app_id, token_hash=env.data.token_hash, token_prefix=env.data.token_prefix))
+    r = cast(EnableWebhookToken, env.data)
+    out.emit(WebhookTokenEnabled(app_id=s.app_id, token_hash=r.token_hash, token_prefix=r.token_prefix))
 
 
 def _token_disable(s: AppState, env: Envelope, out: Outputs) -> None:
@@ -183,23 +199,24 @@ def _token_disable(s: AppState, env: Envelope, out: Outputs) -> None:
 
 
 def _subscription_create(s: AppState, env: Envelope, out: Outputs) -> None:
-    r = env.data
+    r = cast(CreateSubscription, env.data)
     out.emit(SubscriptionCreated(app_id=r.app_id, subscription_id=r.subscription_id, url=r.url, events=r.events,
                                  secret_encrypted=r.secret_encrypted, description=r.description))
 
 
 def _subscription_update(s: AppState, env: Envelope, out: Outputs) -> None:
-    out.emit(SubscriptionUpdated(app_id=s.app_id, subscription_id=env.data.subscription_id, changes=env.data.changes))
+    r = cast(UpdateSubscription, env.data)
+    out.emit(SubscriptionUpdated(app_id=s.app_id, subscription_id=r.subscription_id, changes=r.changes))
 
 
 def _subscription_delete(s: AppState, env: Envelope, out: Outputs) -> None:
-    out.emit(SubscriptionDeleted(app_id=s.app_id, subscription_id=env.data.subscription_id))
+    out.emit(SubscriptionDeleted(app_id=s.app_id, subscription_id=cast(DeleteSubscription, env.data).subscription_id))
 
 
 def _deploy_request(s: AppState, env: Envelope, out: Outputs) -> None:
     """Manual deploy, rollback (to revision N, or the one live before the current) or promotion."""
     _require_app(s)
-    r = env.data
+    r = cast(RequestDeploy, env.data)
     if r.trigger not in ("manual", "rollback", "promotion"):
         raise Rejected(f"unknown trigger {r.trigger!r}")
     image, commit, build = r.image, r.commit or "", None
@@ -238,6 +255,10 @@ class Ignored(Exception):
     """A delivery that is valid but starts nothing (tag push, other branch, other event)."""
 
 
+def _delivery_id(env: Envelope) -> str:
+    return cast(DeliveryReceived, env.data).delivery_id
+
+
 def _body(d: Any) -> Any:
     try:
         raw = base64.b64decode(d.body, validate=True) if d.body_encoding == "base64" else d.body.encode()
@@ -252,7 +273,7 @@ def _str_field(body: dict[str, Any], name: str, default: str = "") -> str:
 
 
 def _github(s: AppState, env: Envelope, out: Outputs) -> tuple[str, str]:
-    d = env.data
+    d = cast(DeliveryReceived, env.data)
     if d.event == "ping":
         return "ping", "GitHub ping: nothing to do"
     if d.event != "push":
@@ -269,12 +290,12 @@ def _github(s: AppState, env: Envelope, out: Outputs) -> tuple[str, str]:
     tracked = (s.config or {}).get("branch") or "main"
     if branch != tracked:
         raise Ignored(f"branch {branch} is not tracked (tracking {tracked})")
-    head = body.get("head_commit") if isinstance(body.get("head_commit"), dict) else {}
+    head: dict[str, Any] = body["head_commit"] if isinstance(body.get("head_commit"), dict) else {}
     sha = _str_field(head, "id") or _str_field(body, "after")
     if not sha or set(sha) == {"0"}:
         raise Ignored("push has no head commit")
-    author = head.get("author") if isinstance(head.get("author"), dict) else {}
-    repo = body.get("repository") if isinstance(body.get("repository"), dict) else {}
+    author: dict[str, Any] = head["author"] if isinstance(head.get("author"), dict) else {}
+    repo: dict[str, Any] = body["repository"] if isinstance(body.get("repository"), dict) else {}
     repo_url = (s.config or {}).get("repo_url") or _str_field(repo, "clone_url")
     if not repo_url:
         raise Rejected("the app has no repository URL and the push names none")
@@ -295,7 +316,7 @@ def _skipper(s: AppState, env: Envelope, out: Outputs) -> tuple[str, str]:
         raise Rejected("body needs 'image' (a full image reference)")
     image = body["image"]
     _request_deploy(s, out, image=image, commit=_str_field(body, "commit"), trigger="webhook", build=None,
-                    cause=env.data.delivery_id)
+                    cause=_delivery_id(env))
     return "queued", f"revision {s.revision + 1} requested for {image}"
 
 
@@ -304,7 +325,7 @@ def _shipmight(s: AppState, env: Envelope, out: Outputs) -> tuple[str, str]:
     if not isinstance(body, dict):
         raise Rejected("body must be a JSON object")
     config = s.config or {}
-    if config.get("kind") == "job" or env.data.event == "job":
+    if config.get("kind") == "job" or cast(DeliveryReceived, env.data).event == "job":
         return _shipmight_job(s, env, out, body)
     tag = body.get("imageTag")
     if not isinstance(tag, str) or not tag:
@@ -313,7 +334,7 @@ def _shipmight(s: AppState, env: Envelope, out: Outputs) -> tuple[str, str]:
     if not repository:
         raise Rejected("the app has no image repository to add the tag to")
     image = f"{repository}:{tag}"
-    _request_deploy(s, out, image=image, commit="", trigger="webhook", build=None, cause=env.data.delivery_id)
+    _request_deploy(s, out, image=image, commit="", trigger="webhook", build=None, cause=_delivery_id(env))
     return "queued", f"revision {s.revision + 1} requested for {image}"
 
 
@@ -330,7 +351,7 @@ def _shipmight_job(s: AppState, env: Envelope, out: Outputs, body: dict[str, Any
         raise Rejected("the job app has no image")
     env_vars = {v["name"]: v["value"] for v in variables}
     job = s.jobs + 1
-    requested = out.emit(JobRequested(app_id=s.app_id, job=job, image=image, env=env_vars, cause=env.data.delivery_id))
+    requested = out.emit(JobRequested(app_id=s.app_id, job=job, image=image, env=env_vars, cause=_delivery_id(env)))
     out.emit(RunJob(app_id=s.app_id, job=job, image=image, env=env_vars, app=s.app_payload()),
              causationid=requested.id)
     return "queued", f"job {job} requested"
@@ -348,7 +369,7 @@ DELIVERY_HANDLERS: dict[str, Callable[[AppState, Envelope, Outputs], tuple[str, 
 def _delivery(s: AppState, env: Envelope, out: Outputs) -> None:
     """Every delivery gets its audit copy (delivery.accepted, with what it caused); a
     redelivery of an id seen before gets only delivery.duplicate."""
-    d = env.data
+    d = cast(DeliveryReceived, env.data)
     if d.delivery_id in s.deliveries:
         out.emit(DeliveryDuplicate(app_id=s.app_id, delivery_id=d.delivery_id, received_at=d.received_at))
         return
@@ -378,13 +399,13 @@ def _delivery(s: AppState, env: Envelope, out: Outputs) -> None:
 
 def _report(s: AppState, env: Envelope, out: Outputs) -> None:
     event = out.reemit(env)
-    d = env.data
     if env.type == "build.finished":
+        d = cast(BuildFinished, env.data)
         if d.status == "succeeded" and d.build == s.builds and s.registered:
             _request_deploy(s, out, image=d.tags[0] if d.tags else d.image_id, commit=d.commit, trigger="webhook",
                             build=d.build, cause=env.correlationid, causationid=event.id)
     elif env.type in ("deployed", "deploy.failed"):
-        _release_waiting(s, out, d.revision, event.id)
+        _release_waiting(s, out, cast(Deployed | DeployFailed, env.data).revision, event.id)
 
 
 REQUEST_HANDLERS: dict[str, Callable[[AppState, Envelope, Outputs], None]] = {
@@ -406,7 +427,7 @@ REQUEST_HANDLERS: dict[str, Callable[[AppState, Envelope, Outputs], None]] = {
 def correlation_of(env: Envelope) -> str:
     """The originating delivery id or request id everything caused by ``env`` carries."""
     d = env.data
-    if env.type == "delivery.received":
+    if isinstance(d, DeliveryReceived):
         return d.delivery_id
     request_id = getattr(d, "request_id", "")
     if env.data.KIND == "request":
