@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 NAME = "dispatcher"
 
 
+class ConsumerFailed(RuntimeError):
+    """The Kafka consumer hit a fatal error and cannot be used again."""
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, options: Options | None = None, **overrides: Any) -> None:
         self.settings = settings
@@ -83,6 +87,9 @@ class Dispatcher:
                 msgs = consumer.consume(num_messages=500, timeout=0.2)
                 if msgs:
                     self._process(consumer, msgs)
+        except ConsumerFailed as exc:
+            log.error("consumer failed (%s); exiting so the supervisor restarts us", exc)
+            code = 1
         finally:
             self.stop_event.set()
             self.replayer.wake()
@@ -131,6 +138,10 @@ class Dispatcher:
         firsts: dict[int, int] = {}
         for msg in msgs:
             if msg.error():
+                if msg.error().fatal():
+                    # e.g. this static member was fenced after a broker restart: the consumer will
+                    # never deliver again, so let the supervisor start a fresh process
+                    raise ConsumerFailed(str(msg.error()))
                 log.warning("consumer: %s", msg.error())
                 continue
             firsts.setdefault(msg.partition(), msg.offset())

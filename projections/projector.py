@@ -117,8 +117,11 @@ class Projector:
                 msgs = consumer.consume(self.batch_size, timeout=0.2)
                 records = []
                 for msg in msgs:
-                    if msg.error():
-                        log.warning("consumer error: %s", msg.error())
+                    err = msg.error()
+                    if err is not None:
+                        if err.fatal():  # an unusable consumer: a fresh process recovers
+                            raise RuntimeError(f"Kafka consumer failed: {err}")
+                        log.warning("consumer error: %s", err)
                     else:
                         records.append(msg)
                 if records:
