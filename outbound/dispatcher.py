@@ -84,6 +84,13 @@ class Dispatcher:
                     log.error("a dispatcher thread died; exiting so the supervisor restarts us")
                     code = 1
                     break
+                if self.sender.database_lost:
+                    # Crash-only recovery: everything the dispatcher knows is durable (outbox rows,
+                    # offsets, next-attempt times), so a fresh process after a PostgreSQL restart is
+                    # simpler and safer than repairing every thread's connection state in place.
+                    log.error("PostgreSQL went away; exiting so the supervisor restarts us")
+                    code = 1
+                    break
                 msgs = consumer.consume(num_messages=500, timeout=0.2)
                 if msgs:
                     self._process(consumer, msgs)

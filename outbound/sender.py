@@ -26,6 +26,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import psycopg
+
 from outbound import retry, signing
 from outbound.options import Options
 from outbound.store import AttemptRecord, Pending, SendingSubscription, Store, ts
@@ -96,6 +98,7 @@ class Sender:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_disabled: Callable[[], None] = lambda: None
+        self.database_lost = False  # set when PostgreSQL went away: the dispatcher restarts clean
         self._cond = threading.Condition()
         self._lanes: dict[Lane, LaneState] = {}
         self._ready: deque[LaneState] = deque()
@@ -228,8 +231,10 @@ class Sender:
         try:
             lanes = self.store.pending_lanes()
             self._report_disables()
-        except Exception:  # noqa: BLE001 - the database may be briefly away; the next scan retries
+        except Exception as exc:  # noqa: BLE001 - the database may be briefly away; the next scan retries
             log.exception("outbound rescan failed")
+            if isinstance(exc, psycopg.OperationalError):
+                self.database_lost = True
             return
         now = self.clock()
         with self._cond:
