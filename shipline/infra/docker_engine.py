@@ -25,8 +25,6 @@ the host's statically linked ``/bin/busybox`` (Debian's ``busybox-static``) and 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import logging
 import os
@@ -34,11 +32,12 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 from docker.errors import DockerException, ImageNotFound
+
+from shipline.infra.files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +82,6 @@ def engine_running(docker_host: str = "") -> bool:
     return _answers(docker_host or f"unix://{DEFAULT_SOCKET}") is not None
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Serialise engine start-up between processes (tests, the stack, CLI commands)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def dockerd_command(data_dir: Path, socket: str = DEFAULT_SOCKET) -> list[str]:
     dockerd = shutil.which("dockerd") or "dockerd"
     return [
@@ -134,7 +121,7 @@ def ensure_engine(
             "(needs root and the docker.io package)"
         )
     data_dir = Path(data_dir).resolve()
-    with _lock(Path("/run/shipline-dockerd.lock")):
+    with file_lock(Path("/run/shipline-dockerd.lock")):
         client = _answers(url, client_timeout)  # someone else may have started it while we waited
         if client is not None:
             return client
@@ -252,7 +239,7 @@ def ensure_base_image(client: docker.DockerClient, name: str = BASE_IMAGE) -> st
     except ImageNotFound:
         pass
     repository, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "latest")
-    with _lock(Path("/run/shipline-base-image.lock")):
+    with file_lock(Path("/run/shipline-base-image.lock")):
         try:
             return str(client.images.get(name).id)
         except ImageNotFound:

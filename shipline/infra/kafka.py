@@ -33,7 +33,6 @@ import argparse
 import atexit
 import base64
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -44,11 +43,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 from xml.sax.saxutils import quoteattr
+
+from shipline.infra.files import file_lock
 
 KAFKA_VERSION = "4.0.2"
 SCALA_VERSION = "2.13"
@@ -109,17 +109,6 @@ _POM = """<?xml version="1.0" encoding="UTF-8"?>
 # --------------------------------------------------------------------------- jars
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _fetched(home: Path, libs: Path) -> bool:
     marker = home / _MARKER
     if not marker.is_file():
@@ -140,7 +129,7 @@ def fetch_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
     libs = home / "libs"
     if _fetched(home, libs):
         return libs
-    with _file_lock(cache_dir / f"kafka-{version}.lock"):
+    with file_lock(cache_dir / f"kafka-{version}.lock"):
         if _fetched(home, libs):
             return libs
         mvn = shutil.which("mvn")
