@@ -86,7 +86,7 @@ def docker_client_factory(settings: Settings) -> Callable[[], Any]:
             if "client" not in cache:
                 from shipline.infra.docker_engine import ensure_base_image, ensure_engine
 
-                client = ensure_engine(settings.data_dir, settings.docker_host, client_timeout=900)
+                client = ensure_engine(settings.docker_host, client_timeout=900)
                 ensure_base_image(client)
                 cache["client"] = client
             return cache["client"]

@@ -94,7 +94,7 @@ def docker_available(settings: Settings) -> bool:
     try:
         from shipline.infra.docker_engine import ensure_engine
 
-        ensure_engine(settings.data_dir, settings.docker_host)
+        ensure_engine(settings.docker_host)
         return True
     except Exception as exc:  # noqa: BLE001 - optional capability
         log.warning("no Docker engine (%s); apps use the process strategy", exc)

@@ -247,7 +247,7 @@ def main() -> int:
                 try:
                     from shipline.infra.docker_engine import ensure_base_image, ensure_engine
 
-                    ensure_base_image(ensure_engine(ROOT / ".shipline", os.environ.get("DOCKER_HOST", "")))
+                    ensure_base_image(ensure_engine(os.environ.get("DOCKER_HOST", "")))
                 except Exception as exc:  # noqa: BLE001
                     print(f"docker: no engine ({exc}); skipped")
                     continue

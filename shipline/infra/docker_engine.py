@@ -7,7 +7,7 @@
 3. otherwise, when we are root and ``dockerd`` is installed, it starts one in the background::
 
        dockerd -H unix:///var/run/docker.sock --storage-driver=vfs --iptables=false
-               --ip-masq=false --bridge=none --data-root <data_dir>/docker
+               --ip-masq=false --bridge=none --data-root /var/lib/shipline-docker
                --exec-root /run/shipline-docker --pidfile /run/shipline-docker/dockerd.pid
 
    ``vfs`` works on any filesystem (including overlay roots, where overlay-on-overlay fails);
@@ -15,7 +15,10 @@
    traffic stays on 127.0.0.1. The exec root is short because containerd's socket lives in it
    and unix socket paths are limited to 107 bytes. The engine is a daemon of the machine, not of
    one process: it keeps running after the caller exits and the next caller finds it on the
-   default socket. Its log is ``<data_dir>/logs/dockerd.log``.
+   default socket. So its data root and log (``/var/lib/shipline-docker``, ``dockerd.log`` in it)
+   belong to the machine too, never to the caller's data folder: a stack or test run that started
+   the engine and then removed its own folder would otherwise pull the image store out from under
+   the engine every later caller shares (CI failed exactly so: "failed to write digest data").
 
 No image registry is reachable, so ``ensure_base_image`` makes the base image test apps and
 generated static-site Dockerfiles build ``FROM``: a ``docker import`` of a root filesystem made of
@@ -54,6 +57,7 @@ __all__ = [
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 EXEC_ROOT = Path("/run/shipline-docker")
+ENGINE_ROOT = Path("/var/lib/shipline-docker")
 BASE_IMAGE = "shipline/busybox:latest"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
@@ -82,7 +86,7 @@ def engine_running(docker_host: str = "") -> bool:
     return _answers(docker_host or f"unix://{DEFAULT_SOCKET}") is not None
 
 
-def dockerd_command(data_dir: Path, socket: str = DEFAULT_SOCKET) -> list[str]:
+def dockerd_command(data_root: Path = ENGINE_ROOT, socket: str = DEFAULT_SOCKET) -> list[str]:
     dockerd = shutil.which("dockerd") or "dockerd"
     return [
         dockerd,
@@ -92,14 +96,14 @@ def dockerd_command(data_dir: Path, socket: str = DEFAULT_SOCKET) -> list[str]:
         "--ip-masq=false",
         "--ip6tables=false",
         "--bridge=none",
-        "--data-root", str(Path(data_dir).resolve() / "docker"),
+        "--data-root", str(data_root),
         "--exec-root", str(EXEC_ROOT),
         "--pidfile", str(EXEC_ROOT / "dockerd.pid"),
     ]
 
 
 def ensure_engine(
-    data_dir: str | Path, docker_host: str = "", timeout: float = 60, client_timeout: float = 120
+    docker_host: str = "", timeout: float = 60, client_timeout: float = 120
 ) -> docker.DockerClient:
     """A client of a Docker engine that answers, starting a local ``dockerd`` when needed.
 
@@ -120,16 +124,15 @@ def ensure_engine(
             f"no Docker engine answers on {DEFAULT_SOCKET} and dockerd cannot be started here "
             "(needs root and the docker.io package)"
         )
-    data_dir = Path(data_dir).resolve()
     with file_lock(Path("/run/shipline-dockerd.lock")):
         client = _answers(url, client_timeout)  # someone else may have started it while we waited
         if client is not None:
             return client
         EXEC_ROOT.mkdir(parents=True, exist_ok=True)
-        logs = data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        cmd = dockerd_command(data_dir)
-        with open(logs / "dockerd.log", "ab") as out:
+        ENGINE_ROOT.mkdir(parents=True, exist_ok=True)
+        logfile = ENGINE_ROOT / "dockerd.log"
+        cmd = dockerd_command()
+        with open(logfile, "ab") as out:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -138,17 +141,17 @@ def ensure_engine(
                 start_new_session=True,  # a daemon of the machine: survives its starter
                 close_fds=True,
             )
-        log.info("started dockerd (pid %s), log %s", proc.pid, logs / "dockerd.log")
+        log.info("started dockerd (pid %s), log %s", proc.pid, logfile)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             client = _answers(url, client_timeout)
             if client is not None:
                 return client
             if proc.poll() is not None:
-                tail = (logs / "dockerd.log").read_text(errors="replace")[-2000:]
+                tail = logfile.read_text(errors="replace")[-2000:]
                 raise EngineUnavailable(f"dockerd exited with {proc.returncode}:\n{tail}")
             time.sleep(0.25)
-        raise EngineUnavailable(f"dockerd did not answer within {timeout}s (log: {logs / 'dockerd.log'})")
+        raise EngineUnavailable(f"dockerd did not answer within {timeout}s (log: {logfile})")
 
 
 def stop_engine(timeout: float = 30) -> bool:

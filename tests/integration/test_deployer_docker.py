@@ -35,7 +35,7 @@ from shipline.infra.docker_engine import (
     stop_engine,
 )
 from shipline.messages import BuildImage, DeployRelease, Message, RunJob
-from tests.conftest import ROOT, TEST_DATA, free_port
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def docker_client() -> Iterator[Any]:
     """
     host = os.environ.get("DOCKER_HOST", "")
     was_running = bool(host) or engine_running()
-    client = ensure_engine(TEST_DATA, host, client_timeout=900)
+    client = ensure_engine(host, client_timeout=900)
     ensure_base_image(client)
     yield client
     if os.environ.get("CI") and not was_running:
