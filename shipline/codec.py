@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from shipline.envelope import SPECVERSION, Envelope, dataschema
 from shipline.messages import REGISTRY, Message
 from shipline.typed import TypeCheckError, build
@@ -57,7 +59,9 @@ def to_dict(env: Envelope) -> dict[str, Any]:
 
 
 def encode(env: Envelope) -> bytes:
-    return json.dumps(to_dict(env), separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON. orjson, not ``json``: encoding is a large share of every producer's CPU
+    (streams encodes three records per delivery); the bytes are the same compact JSON."""
+    return orjson.dumps(to_dict(env))
 
 
 def _str(doc: dict[str, Any], name: str) -> str:
@@ -73,7 +77,9 @@ def decode(raw: bytes | str | None, *, strict: bool = False) -> Envelope:
     if len(raw) > MAX_RECORD:
         raise InvalidRecord(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
     try:
-        doc = json.loads(raw)
+        # orjson is stricter than ``json``: NaN/Infinity, integers beyond 64 bits, lone
+        # surrogates and nesting past 1024 levels are "not JSON" rather than surprises later
+        doc = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRecord(f"not JSON: {exc}") from None
     if type(doc) is not dict:

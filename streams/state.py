@@ -10,9 +10,10 @@ never pickle and never a Faust ``Record``, so it stays readable and stable acros
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from shipline.envelope import Envelope
 
@@ -221,8 +222,8 @@ def from_dict(doc: dict[str, Any]) -> AppState:
 
 
 def to_json(state: AppState) -> bytes:
-    return json.dumps(to_dict(state), separators=(",", ":")).encode()
+    return orjson.dumps(to_dict(state))
 
 
 def from_json(raw: bytes | str) -> AppState:
-    return from_dict(json.loads(raw))
+    return from_dict(orjson.loads(raw))
