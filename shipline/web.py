@@ -85,7 +85,7 @@ def create_app(settings: Settings, *, producer: Any = None, pool: Any = None) ->
     if pool is None:
         from shipline.db import make_pool
 
-        pool = make_pool(settings.db_url, max_size=8)
+        pool = make_pool(settings.db_url, max_size=16)
     app.extensions["shipline"] = WebContext(settings=settings, producer=producer, pool=pool)
 
     @app.errorhandler(HTTPException)
