@@ -90,8 +90,13 @@ def apply_batch(
     *,
     reject: Reject,
     generation: int | None = None,
+    decoded: Sequence[Envelope | codec.InvalidRecord] | None = None,
 ) -> Result:
     """Fold ``records`` (confluent-kafka messages, in consumption order) into ``schema`` exactly once.
+
+    ``decoded``, when given, is ``codec.decode`` of each record already done (the envelope, or the
+    ``InvalidRecord`` it raised), in the same order: the rebuild decodes on its reader thread
+    while this one waits for PostgreSQL.
 
     ``conn`` is in autocommit mode with ``search_path`` set to ``schema``. ``reject(record,
     reason)`` is called for every record that cannot be decoded or applied, before the commit
@@ -103,12 +108,12 @@ def apply_batch(
         key = (rec.topic(), rec.partition())
         result.offsets[key] = max(result.offsets.get(key, 0), rec.offset() + 1)
     try:
-        _transaction(conn, schema, records, result, reject, generation, careful=False)
+        _transaction(conn, schema, records, result, reject, generation, decoded, careful=False)
     except _RETRY:
         raise
     except Exception as exc:  # noqa: BLE001 - any record's failure: find which, record by record
         log.warning("batch failed (%s); retrying record by record", exc)
-        _transaction(conn, schema, records, result, reject, generation, careful=True)
+        _transaction(conn, schema, records, result, reject, generation, decoded, careful=True)
     return result
 
 
@@ -126,6 +131,7 @@ def _transaction(
     result: Result,
     reject: Reject,
     generation: int | None,
+    decoded: Sequence[Envelope | codec.InvalidRecord] | None,
     *,
     careful: bool,
 ) -> None:
@@ -139,7 +145,7 @@ def _transaction(
         if generation is not None and schema_generation(conn, schema) != generation:
             raise SchemaSwapped(schema)
         stored = _lock_offsets(conn, list(result.offsets))
-        fresh = _fresh(conn, records, stored, result, reject)
+        fresh = _fresh(conn, records, stored, result, reject, decoded)
         with conn.cursor() as cur:
             if careful:
                 _apply_carefully(conn, cur, fresh, result, reject)
@@ -182,17 +188,22 @@ def _fresh(
     stored: dict[tuple[str, int], int],
     result: Result,
     reject: Reject,
+    decoded: Sequence[Envelope | codec.InvalidRecord] | None = None,
 ) -> list[tuple[Any, Envelope]]:
     """The records not applied before (at or past the stored offset, with an unseen event id), decoded."""
     current = []
-    for rec in records:
+    for i, rec in enumerate(records):
         if rec.offset() < stored.get((rec.topic(), rec.partition()), -1):
             result.stale += 1
             continue
         try:
-            current.append((rec, codec.decode(rec.value())))
+            env = _decode(rec) if decoded is None else decoded[i]
         except codec.InvalidRecord as exc:
-            _reject(result, reject, rec, exc.reason)
+            env = exc
+        if isinstance(env, codec.InvalidRecord):
+            _reject(result, reject, rec, env.reason)
+        else:
+            current.append((rec, env))
     if not current:
         return []
     ids = list({env.id for _, env in current})
@@ -205,6 +216,21 @@ def _fresh(
             seen.add(env.id)
             fresh.append((rec, env))
     return fresh
+
+
+def _decode(rec: Any) -> Envelope:
+    return codec.decode(rec.value())
+
+
+def decode_all(records: Sequence[Any]) -> list[Envelope | codec.InvalidRecord]:
+    """``codec.decode`` of each record, the error in its place when it is invalid (see ``decoded``)."""
+    out: list[Envelope | codec.InvalidRecord] = []
+    for rec in records:
+        try:
+            out.append(codec.decode(rec.value()))
+        except codec.InvalidRecord as exc:
+            out.append(exc)
+    return out
 
 
 def _apply_carefully(

@@ -18,7 +18,9 @@ Readers keep answering throughout: until the swap they read the old tables, afte
 from __future__ import annotations
 
 import logging
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -26,13 +28,16 @@ from typing import Any, TextIO
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from projections.batch import apply_batch, swap_lock_key
+from projections.batch import apply_batch, decode_all, swap_lock_key
 from projections.projector import migrate_schema
 from projections.schema import TABLES, checksum
 from shipline.config import Settings
 from shipline.db import connect_kwargs, validate_schema
 
 log = logging.getLogger(__name__)
+
+
+READ_AHEAD = 2  # decoded batches the reader thread may hold ready
 
 
 class RebuildError(RuntimeError):
@@ -192,38 +197,77 @@ def _replay(
         remaining = {p for p, (low, high) in marks.items() if high > low}
         bar = ProgressBar(total, progress)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(remaining)])
-        last_seen = time.monotonic()
 
         def skip(rec: Any, reason: str) -> None:  # the live projector dead-lettered it already
             counts["rejected"] += 1
 
-        while remaining:
-            msgs = consumer.consume(batch_size, timeout=0.5)
-            records = []
-            for msg in msgs:
-                p, offset, err = msg.partition() or 0, msg.offset() or 0, msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        if offset >= marks[p][1]:
-                            remaining.discard(p)
-                        continue
-                    raise RebuildError(f"consumer error: {err}")
-                if offset >= marks[p][1]:  # past the snapshot: the live projector's business
-                    remaining.discard(p)
+        # The reader thread consumes and decodes the next batches while this thread waits for
+        # PostgreSQL to apply the current one (decoding is a third of the rebuild's Python time,
+        # and the wait for PostgreSQL about as long; both threads share one GIL, which psycopg
+        # and librdkafka release while they wait).
+        batches: queue.Queue[tuple[list[Any], list[Any], dict[int, int]] | BaseException | None] = queue.Queue(
+            maxsize=READ_AHEAD
+        )
+        stop = threading.Event()
+
+        def hand_over(item: tuple[list[Any], list[Any], dict[int, int]] | BaseException | None) -> None:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.2)
+                    return
+                except queue.Full:
                     continue
-                records.append(msg)
-                done_at[p] = offset + 1
-                if done_at[p] >= marks[p][1]:
-                    remaining.discard(p)
-            if records:
+
+        def read() -> None:
+            try:
                 last_seen = time.monotonic()
-                result = apply_batch(target, fresh, records, reject=skip)
+                while remaining and not stop.is_set():
+                    msgs = consumer.consume(batch_size, timeout=0.5)
+                    records = []
+                    for msg in msgs:
+                        p, offset, err = msg.partition() or 0, msg.offset() or 0, msg.error()
+                        if err is not None:
+                            if err.code() == KafkaError._PARTITION_EOF:
+                                if offset >= marks[p][1]:
+                                    remaining.discard(p)
+                                continue
+                            raise RebuildError(f"consumer error: {err}")
+                        if offset >= marks[p][1]:  # past the snapshot: the live projector's business
+                            remaining.discard(p)
+                            continue
+                        records.append(msg)
+                        done_at[p] = offset + 1
+                        if done_at[p] >= marks[p][1]:
+                            remaining.discard(p)
+                    if records:
+                        last_seen = time.monotonic()
+                        hand_over((records, decode_all(records), dict(done_at)))
+                    elif time.monotonic() - last_seen > stall_timeout:
+                        raise RebuildError(
+                            f"no records for {stall_timeout:.0f}s; partitions {sorted(remaining)} unfinished"
+                        )
+                hand_over(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the applying thread, raised there
+                hand_over(exc)
+
+        reader = threading.Thread(target=read, name="rebuild-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                records, decoded, done = item
+                result = apply_batch(target, fresh, records, reject=skip, decoded=decoded)
                 counts["applied"] += result.applied
                 counts["duplicates"] += result.duplicates
-            elif time.monotonic() - last_seen > stall_timeout:
-                raise RebuildError(f"no records for {stall_timeout:.0f}s; partitions {sorted(remaining)} unfinished")
-            counts["events"] = sum(done_at[p] - marks[p][0] for p in marks)
-            bar.update(counts["events"])
+                counts["events"] = sum(done[p] - marks[p][0] for p in marks)
+                bar.update(counts["events"])
+        finally:
+            stop.set()
+            reader.join(5)  # before the consumer is closed: it is not safe to close under a consume
         counts["events"] = total
         bar.update(total, final=True)
         # every partition ends exactly at its snapshot watermark (past trailing control records too)
