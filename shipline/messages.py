@@ -345,6 +345,20 @@ class DeployFailed(Message):
     reason: str
 
 
+@event("app.retired")
+@dataclass(frozen=True)
+class AppRetired(Message):
+    """The deployer took a deleted app down: its route is gone from the proxy and its instances stopped.
+
+    ``stopped`` names the instances (containers or processes) that were running and were stopped;
+    a retire that finds nothing running (a replay, an app never deployed) reports an empty list.
+    """
+
+    stopped: list[str]
+    revision: int | None  # the release that was serving, if any
+    url: str  # the proxy address that no longer serves the app ("" when it had none)
+
+
 @event("job.requested")
 @dataclass(frozen=True)
 class JobRequested(Message):
@@ -436,6 +450,14 @@ class RunJob(Message):
     job: int
     image: str
     env: dict[str, str]
+    app: dict[str, Any] = field(default_factory=dict)
+
+
+@command("app.retire")
+@dataclass(frozen=True)
+class RetireApp(Message):
+    """Take a deleted app down: remove its proxy route, stop every instance, forget its release."""
+
     app: dict[str, Any] = field(default_factory=dict)
 
 

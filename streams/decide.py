@@ -46,6 +46,7 @@ from shipline.messages import (
     RegisterApp,
     RequestDeploy,
     RequestRejected,
+    RetireApp,
     RunJob,
     SubscriptionCreated,
     SubscriptionDeleted,
@@ -62,7 +63,7 @@ GITHUB_SOURCES = ("github", "shipyard")
 # Outcomes the deployer and dispatcher report; streams re-emits each as a sequenced event.
 REPORT_TYPES = frozenset(
     {"build.started", "build.finished", "deploy.started", "deployed", "deploy.failed", "job.finished",
-     "subscription.disabled"}
+     "app.retired", "subscription.disabled"}
 )
 
 
@@ -135,8 +136,9 @@ def _request_deploy(
 
 
 def _release_waiting(s: AppState, out: Outputs, finished: int, causationid: str) -> None:
-    """The in-flight deploy ended: hand the waiting revision to the deployer."""
-    if s.in_flight != finished or s.waiting is None:
+    """The in-flight deploy ended: hand the waiting revision to the deployer (not for a deleted app:
+    its app.retire is already queued behind the deploy that just ended)."""
+    if s.in_flight != finished or s.waiting is None or s.deleted:
         return
     rev = s.revisions.get(s.waiting)
     if rev is None:  # pragma: no cover - revisions are kept far longer than anything waits
@@ -173,8 +175,14 @@ def _update(s: AppState, env: Envelope, out: Outputs) -> None:
 
 
 def _delete(s: AppState, env: Envelope, out: Outputs) -> None:
+    """app.deleted, and app.retire for the deployer: on the commands topic under the app's key, it
+    comes after every command already queued for the app (a deploy in flight finishes, then the app
+    is taken down). Nothing is built or deployed for a deleted app afterwards: requests and
+    deliveries are rejected, a build finishing later deploys nothing and a waiting deploy is never
+    released."""
     _require_app(s)
-    out.emit(AppDeleted(app_id=s.app_id, requested_by=cast(DeleteApp, env.data).requested_by))
+    deleted = out.emit(AppDeleted(app_id=s.app_id, requested_by=cast(DeleteApp, env.data).requested_by))
+    out.emit(RetireApp(app_id=s.app_id, app=s.app_payload()), causationid=deleted.id)
 
 
 def _hook_create(s: AppState, env: Envelope, out: Outputs) -> None:

@@ -10,6 +10,7 @@ import pytest
 from shipline import codec
 from shipline.envelope import Envelope, derive_id, wrap
 from shipline.messages import (
+    AppRetired,
     BuildFinished,
     CreateDeployHook,
     CreateSubscription,
@@ -109,7 +110,6 @@ def test_register_becomes_app_registered_correlated_to_the_request() -> None:
     ("request_message", "event_type"),
     [
         (UpdateApp(app_id=APP, changes={"branch": "prod"}, request_id="r"), "app.updated"),
-        (DeleteApp(app_id=APP, request_id="r"), "app.deleted"),
         (CreateDeployHook(app_id=APP, hook_id="h1", name="ci", token_hash="x" * 64, token_prefix="shk_",
                           request_id="r"), "deploy_hook.created"),
         (DeleteDeployHook(app_id=APP, hook_id="h1", request_id="r"), "deploy_hook.deleted"),
@@ -149,6 +149,62 @@ def test_requests_for_unknown_or_deleted_apps_are_rejected_with_the_request_id()
     assert "deleted" in out[0].data.reason
     _, out = run(registered(), register(request_id="again"))
     assert types(out) == ["request.rejected"] and "already registered" in out[0].data.reason
+
+
+def test_delete_is_app_deleted_then_a_retire_command_for_the_deployer() -> None:
+    req = wrap(DeleteApp(app_id=APP, request_id="rd", requested_by="ops"), source="ingress")
+    state, out = run(live(1), req)
+    assert types(out) == ["app.deleted", "app.retire"]
+    deleted, retire = out
+    assert deleted.data.requested_by == "ops" and deleted.sequence == state.sequence and state.deleted
+    assert retire.data.KIND == "command" and retire.sequence is None
+    assert retire.key == deleted.key == str(APP).encode()  # same partition: after the app's earlier commands
+    assert retire.causationid == deleted.id and retire.correlationid == "rd"
+    assert retire.data.app["app_id"] == APP and retire.data.app["name"] == "web"
+    for env in out:
+        codec.decode(codec.encode(env), strict=True)
+    _, again = run(state, req)
+    assert again == []  # the same request twice retires once
+    _, out = run(state, wrap(DeleteApp(app_id=APP, request_id="rd2"), source="ingress"))
+    assert types(out) == ["request.rejected"] and "deleted" in out[0].data.reason
+
+
+def test_a_deleted_app_gets_no_further_builds_or_deploys() -> None:
+    # a deploy in flight, one waiting, and a build queued when the app is deleted
+    state, _ = run(registered(), hook(1), hook(2), push("p1"))
+    assert (state.in_flight, state.waiting, state.builds) == (1, 2, 1)
+    state, out = run(state, wrap(DeleteApp(app_id=APP, request_id="rd"), source="ingress"))
+    assert types(out) == ["app.deleted", "app.retire"]
+    # the in-flight deploy ends: the waiting one is not released (the retire is queued behind it)
+    state, out = run(state, report(Deployed(app_id=APP, revision=1, image="web:1", commit="c1", instances=["i"],
+                                            duration=1.0, url="http://127.0.0.1:8007")))
+    assert types(out) == ["deployed"]
+    state, out = run(state, report(DeployFailed(app_id=APP, revision=2, step="x", reason="y")))
+    assert types(out) == ["deploy.failed"]
+    _, out = run(state, finished(1))  # the queued build finishes: nothing is deployed
+    assert types(out) == ["build.finished"]
+    state, out = run(state, push("p2", sha="e" * 40), hook(3))
+    assert types(out) == ["delivery.accepted", "delivery.accepted"]
+    assert all(o.data.outcome == "rejected" and "deleted" in o.data.reason for o in out)
+    _, out = run(state, deploy_request(request_id="m", trigger="manual", image="web:9"))
+    assert types(out) == ["request.rejected"]
+
+
+def test_the_retired_report_becomes_the_app_retired_event() -> None:
+    state, _ = run(live(1), wrap(DeleteApp(app_id=APP, request_id="rd"), source="ingress"))
+    r = report(AppRetired(app_id=APP, stopped=["sl-x-a7-r1-1-ab12"], revision=1, url="http://127.0.0.1:8007"),
+               correlation="rd")
+    new, out = run(state, r)
+    assert types(out) == ["app.retired"]
+    ev = out[0]
+    assert ev.id == derive_id(r.id, r.type, 0) and ev.sequence == state.sequence + 1 == new.sequence
+    assert ev.data == r.data and ev.correlationid == "rd" and ev.causationid == r.causationid
+    codec.decode(codec.encode(ev), strict=True)
+    _, again = run(new, r)
+    assert again == []  # a report published twice is sequenced once
+    # a replayed retire reports nothing stopped: still an event, never an error
+    _, out = run(new, report(AppRetired(app_id=APP, stopped=[], revision=None, url=""), cause="cmd-2"))
+    assert types(out) == ["app.retired"]
 
 
 def test_the_same_request_twice_is_applied_once() -> None:
