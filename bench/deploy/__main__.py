@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from bench.deploy.load import Load
+from bench.services import BENCH, ROOT, free_port, kafka_bootstrap
 from deployer.teardown import stop_everything
 from shipline import codec, kafka
 from shipline.config import Settings
@@ -38,9 +38,6 @@ from shipline.config import load as load_settings
 from shipline.envelope import Envelope, wrap
 from shipline.messages import BuildImage, DeployRelease, Message
 from shipline.topics import Topics, delete_prefixed, ensure_topics
-
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / ".shipline-bench"
 
 SERVE_PY = '''import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,27 +63,6 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 
 
 # ----------------------------------------------------------------------------------- plumbing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _kafka(stack: ExitStack) -> str:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
-    if bootstrap:
-        return bootstrap
-    from shipline.infra.kafka import LocalKafka
-
-    # a broker of its own: other benchmarks stop theirs when they finish
-    broker = LocalKafka(BENCH / "kafka-deploy", ROOT / ".shipline" / "cache",
-                        port=int(os.environ.get("SHIPLINE_BENCH_DEPLOY_KAFKA_PORT", "29192")))
-    broker.start(timeout=300)
-    if not broker.adopted:
-        stack.callback(broker.stop)
-    return broker.bootstrap
 
 
 class Reports:
@@ -136,7 +112,7 @@ def _settings(run: Path, bootstrap: str, prefix: str, app_id: int, health_interv
         "SHIPLINE_TOPIC_PREFIX": prefix,
         "SHIPLINE_ADMIN_TOKEN": uuid.uuid4().hex,
         "SHIPLINE_SECRET_KEY": Fernet.generate_key().decode(),
-        "SHIPLINE_PROXY_PORT": str(_free_port() - app_id),
+        "SHIPLINE_PROXY_PORT": str(free_port() - app_id),
         "SHIPLINE_LOG_LEVEL": "WARNING",
     }
     if health_interval:
@@ -241,7 +217,8 @@ def main() -> int:
     BENCH.mkdir(parents=True, exist_ok=True)
     results = []
     with ExitStack() as stack:
-        bootstrap = _kafka(stack)
+        # a broker of its own: other benchmarks stop theirs when they finish
+        bootstrap = kafka_bootstrap(stack, "kafka-deploy", "SHIPLINE_BENCH_DEPLOY_KAFKA_PORT", 29192)
         for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
             if strategy == "docker":
                 try:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,13 +21,10 @@ import requests
 from cryptography.fernet import Fernet
 
 from bench.ingress import load
+from bench.services import BENCH, free_port, gunicorn, services
 from ingress.rebuild import read_topic
-from ingress.serve import gunicorn_argv
-from shipline.config import load as load_settings
 from shipline.topics import Topics, delete_prefixed, ensure_topics
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / ".shipline-bench"
 PUSH = {
     "ref": "refs/heads/main",
     "before": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
@@ -47,66 +42,6 @@ PUSH = {
     "head_commit": {"id": "59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5", "message": "Fix the checkout total",
                     "author": {"name": "Ada", "email": "ada@example.com", "username": "ada"}},
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _services(stack: ExitStack) -> tuple[str, str]:
-    bootstrap, db = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""), os.environ.get("DATABASE_URL", "")
-    if not bootstrap:
-        from shipline.infra.kafka import LocalKafka
-
-        broker = LocalKafka(BENCH / "kafka", ROOT / ".shipline" / "cache",
-                            port=int(os.environ.get("SHIPLINE_BENCH_KAFKA_PORT", "29092")))
-        broker.start(timeout=300)
-        if not broker.adopted:
-            stack.callback(broker.stop)
-        bootstrap = broker.bootstrap
-    if not db:
-        from shipline.infra.postgres import LocalPostgres
-
-        server = LocalPostgres(BENCH / "postgres", port=int(os.environ.get("SHIPLINE_BENCH_PG_PORT", "25432")))
-        server.start(timeout=120)
-        if not server.reused:
-            stack.callback(server.stop)
-        db = server.url
-    return bootstrap, db
-
-
-def _serve(stack: ExitStack, env: dict[str, str], app: str, threads: int, log_name: str) -> tuple[str, int]:
-    settings = load_settings(env)
-    argv = gunicorn_argv(settings, app=app, threads=threads)
-    log = open(BENCH / log_name, "wb")  # noqa: SIM115 - closed by the stack
-    stack.callback(log.close)
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    stack.callback(stop)
-    base = f"http://{settings.http_host}:{settings.http_port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gunicorn exited; see {BENCH / log_name}")
-        try:
-            requests.get(base + "/healthz", timeout=5)  # any answer: the server is up
-            return base, proc.pid
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"gunicorn did not come up; see {BENCH / log_name}")
 
 
 def _request_maker(path: str, host: str, body: bytes, extra: dict[str, str]) -> load.Callable[[str], bytes]:
@@ -172,11 +107,11 @@ def main() -> int:
     BENCH.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     with ExitStack() as stack:
-        bootstrap, db = _services(stack)
+        bootstrap, db = services(stack)
         prefix = f"bench{run_id}"
         ensure_topics(bootstrap, Topics(prefix), partitions=6)
         stack.callback(delete_prefixed, bootstrap, prefix)
-        port = _free_port()
+        port = free_port()
         env = {
             "SHIPLINE_DATA_DIR": str(BENCH / f"run-{run_id}"),
             "SHIPLINE_HTTP": f"127.0.0.1:{port}",
@@ -196,7 +131,7 @@ def main() -> int:
               f"{os.cpu_count()} cores shared with everything else running")
         factory = "ingress.serve:app_factory()" if args.linger_ms is None else \
             f"ingress.serve:app_factory(linger_ms={args.linger_ms})"
-        base, master = _serve(stack, env, factory, args.threads, "ingress.log")
+        base, master = gunicorn(stack, env, BENCH / "ingress.log", app=factory, threads=args.threads)
         app = requests.post(f"{base}/api/v1/apps", json={"name": "shop", "namespace": "bench",
                                                          "repo_url": "https://github.com/acme/shop"},
                             headers={"Authorization": f"Bearer {env['SHIPLINE_ADMIN_TOKEN']}"}, timeout=30).json()
@@ -207,9 +142,10 @@ def main() -> int:
                               {"X-Hub-Signature-256": signature(app["github_secret"], body)})
         ingress_result, ingress_rate = _phase("ingress", master, port, make, args, run_id)
 
-        bare_port = _free_port()
+        bare_port = free_port()
         bare_env = {**env, "SHIPLINE_HTTP": f"127.0.0.1:{bare_port}"}
-        _, bare_master = _serve(stack, bare_env, "bench.ingress.bare:create()", args.threads, "bare.log")
+        _, bare_master = gunicorn(stack, bare_env, BENCH / "bare.log", app="bench.ingress.bare:create()",
+                                  threads=args.threads)
         bare_make = _request_maker("/bare", f"127.0.0.1:{bare_port}", body, {})
         _, bare_rate = _phase("bare", bare_master, bare_port, bare_make, args, run_id)
         print(f"ratio    {ingress_rate / bare_rate if bare_rate else float('nan'):.2f} (ingress / bare Flask)")

@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import requests
 from cryptography.fernet import Fernet
 
+from bench.services import BENCH, ROOT, free_port, services
 from outbound import signing
 from outbound.dispatcher import Dispatcher
 from shipline import kafka
@@ -38,43 +37,11 @@ from shipline.envelope import wrap
 from shipline.messages import Deployed, SubscriptionCreated
 from shipline.topics import Topics, delete_prefixed, ensure_topics
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / ".shipline-bench"
 DEFAULT_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _services(stack: ExitStack) -> tuple[str, str]:
-    bootstrap, db = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""), os.environ.get("DATABASE_URL", "")
-    if not bootstrap:
-        from shipline.infra.kafka import LocalKafka
-
-        broker = LocalKafka(BENCH / "kafka", ROOT / ".shipline" / "cache",
-                            port=int(os.environ.get("SHIPLINE_BENCH_KAFKA_PORT", "29092")))
-        broker.start(timeout=300)
-        if not broker.adopted:
-            stack.callback(broker.stop)
-        bootstrap = broker.bootstrap
-    if not db:
-        from shipline.infra.postgres import LocalPostgres
-
-        server = LocalPostgres(BENCH / "postgres", port=int(os.environ.get("SHIPLINE_BENCH_PG_PORT", "25432")))
-        server.start(timeout=120)
-        if not server.reused:
-            stack.callback(server.stop)
-        db = server.url
-    return bootstrap, db
-
-
 def _receiver(stack: ExitStack, secret: str, fail_rate: float) -> str:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.outbound.receiver", str(port), secret, str(fail_rate)],
                             cwd=ROOT)
     stack.callback(lambda: (proc.terminate(), proc.wait(10)))
@@ -244,7 +211,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     with ExitStack() as stack:
-        bootstrap, db = _services(stack)
+        bootstrap, db = services(stack)
         common = {"workers": args.workers, "per_endpoint": args.per_endpoint, "timeout": args.timeout}
         fast = run(bootstrap, db, apps=args.apps, events=args.events, fail_rate=0.0, schedule=DEFAULT_SCHEDULE,
                    scale=1.0, **common)

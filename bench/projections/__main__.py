@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -31,8 +29,7 @@ import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from cryptography.fernet import Fernet
 
-from bench.ingress.__main__ import _free_port, _services
-from ingress.serve import gunicorn_argv
+from bench.services import free_port, gunicorn, services
 from projections.rebuild import rebuild
 from shipline import codec, kafka
 from shipline import messages as m
@@ -168,36 +165,6 @@ def bare_consume(bootstrap: str, topic: str, decode: bool) -> tuple[int, float]:
         c.close()
 
 
-def serve(stack: ExitStack, env: dict[str, str], log_path: str) -> str:
-    """The public app under gunicorn, as production serves it; its base URL once it answers."""
-    settings = load_settings(env)
-    log = open(log_path, "wb")  # noqa: SIM115 - closed by the stack
-    stack.callback(log.close)
-    proc = subprocess.Popen(gunicorn_argv(settings), env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    stack.callback(stop)
-    base = settings.public_url
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gunicorn exited; see {log_path}")
-        try:
-            if requests.get(base + "/healthz", timeout=5).ok:
-                return base
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"gunicorn did not come up; see {log_path}")
-
-
 def latency(http: requests.Session, url: str, headers: dict[str, str], n: int) -> tuple[float, float, float]:
     for _ in range(min(50, n)):  # warm the pools and plans
         http.get(url, headers=headers, timeout=30).raise_for_status()
@@ -223,12 +190,12 @@ def main() -> int:
         parser.error("--events must be at least --apps + 7 x --releases")
 
     with ExitStack() as stack:
-        bootstrap, db = _services(stack)
+        bootstrap, db = services(stack)
         tag = f"bp{uuid.uuid4().hex[:8]}"
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": db, "SHIPLINE_TOPIC_PREFIX": tag,
             "SHIPLINE_DB_SCHEMA": tag, "SHIPLINE_ADMIN_TOKEN": uuid.uuid4().hex,
-            "SHIPLINE_SECRET_KEY": Fernet.generate_key().decode(), "SHIPLINE_HTTP": f"127.0.0.1:{_free_port()}",
+            "SHIPLINE_SECRET_KEY": Fernet.generate_key().decode(), "SHIPLINE_HTTP": f"127.0.0.1:{free_port()}",
             "SHIPLINE_DATA_DIR": f"/tmp/{tag}", "SHIPLINE_LOG_LEVEL": "WARNING",
         }
         settings = load_settings(env)
@@ -258,7 +225,7 @@ def main() -> int:
               f" (ratio to bare consume {result.rate / bare:.2f}, to consume + decode {result.rate / decoded:.2f});"
               f" checksum {result.checksum['*'][:16]}", flush=True)
 
-        base = serve(stack, env, f"/tmp/{tag}-gunicorn.log")
+        base, _ = gunicorn(stack, env, Path(f"/tmp/{tag}-gunicorn.log"))
         headers = {"Authorization": f"Bearer {settings.admin_token}"}
         with requests.Session() as http:
             print(f"history API, app 1 with {args.releases:,} releases ({settings.web_workers} gunicorn workers,"

@@ -32,28 +32,13 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from bench.services import BENCH, ROOT, kafka_bootstrap
 from shipline import codec, kafka
 from shipline.envelope import Envelope, wrap
 from shipline.messages import DeliveryReceived, RegisterApp
 from shipline.topics import Topics, delete_prefixed, ensure_topics
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / ".shipline-bench"
 WARMUP = 3.0  # seconds of steady pushes before latency samples count
-
-
-def _kafka(stack: ExitStack) -> str:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
-    if bootstrap:
-        return bootstrap
-    from shipline.infra.kafka import LocalKafka
-
-    broker = LocalKafka(BENCH / "kafka", ROOT / ".shipline" / "cache",
-                        port=int(os.environ.get("SHIPLINE_BENCH_KAFKA_PORT", "29092")))
-    broker.start(timeout=300)
-    if not broker.adopted:
-        stack.callback(broker.stop)
-    return broker.bootstrap
 
 
 def push(app_id: int, n: int, prefix: str = "bench") -> Envelope:
@@ -194,7 +179,7 @@ def main() -> None:
     run = BENCH / f"streams-{run_id}"
     run.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        bootstrap = _kafka(stack)
+        bootstrap = kafka_bootstrap(stack)
         ours, bare = Topics(f"bench{run_id}"), Topics(f"bench{run_id}bare")
         for t in (ours, bare):
             ensure_topics(bootstrap, t, partitions=6)
