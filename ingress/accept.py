@@ -59,5 +59,6 @@ def accept(
         # The records are durable; only the ingress's own duplicate check misses them (streams
         # dedupes too), so the sender still gets its 2xx.
         log.warning("accepted delivery %s but could not note it in the store: %s", delivery, type(exc).__name__)
+    ingress.pruner.poke()
     body = {"status": status, "delivery_id": delivery, "app_ids": [app.id for app in fresh], **(extra or {})}
     return jsonify(body), code

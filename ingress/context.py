@@ -7,6 +7,7 @@ from typing import Any
 
 from ingress.crypto import SecretBox
 from ingress.publisher import Publisher
+from ingress.retention import Pruner
 from ingress.store import Store
 from shipline.config import Settings
 from shipline.envelope import Envelope
@@ -22,6 +23,7 @@ class Ingress:
     store: Store
     box: SecretBox
     publisher: Publisher
+    pruner: Pruner
 
     def send(self, envelopes: list[Envelope]) -> list[tuple[int, int]]:
         """Produce to the inbound topic and wait for every ack (raises ``NotDurable``)."""

@@ -70,6 +70,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (2, "CREATE INDEX seen_deliveries_by_age ON seen_deliveries (received_at);"),
 ]
 TABLES = ("apps", "deploy_hooks", "webhook_tokens", "seen_deliveries")
 
@@ -213,6 +214,26 @@ class Store:
         with self.transaction() as conn:
             for env in envelopes:
                 self.apply(conn, env)
+
+    def prune(self, days: float, batch: int = 10_000) -> int:
+        """Forget delivery ids accepted more than ``days`` ago; returns how many.
+
+        Deletes in batches so no statement holds many row locks or runs long next to the hot
+        path's inserts. A redelivery older than that is published again and streams, which
+        remembers each app's recent deliveries, records it as a duplicate.
+        """
+        removed = 0
+        while True:
+            with self._autocommit() as conn:
+                cur = conn.execute(
+                    f"DELETE FROM {self._s}.seen_deliveries WHERE ctid = ANY(ARRAY("  # type: ignore[arg-type]
+                    f" SELECT ctid FROM {self._s}.seen_deliveries"
+                    "  WHERE received_at < now() - make_interval(secs => %s) LIMIT %s))",
+                    (days * 86400, batch),
+                )
+                removed += cur.rowcount
+            if cur.rowcount < batch:
+                return removed
 
     def apply(self, conn: psycopg.Connection[Any], env: Envelope) -> None:
         handler = HANDLERS.get(type(env.data))

@@ -8,6 +8,7 @@ from ingress import admin, github, openapi, token_hooks
 from ingress.context import Ingress
 from ingress.crypto import SecretBox
 from ingress.publisher import Publisher
+from ingress.retention import Pruner
 from ingress.store import Store
 
 
@@ -20,6 +21,7 @@ def mount(app: Flask) -> None:
     store = Store(ctx.pool, settings.schema("ingress"))
     store.migrate()
     ctx.extras["ingress"] = Ingress(settings=settings, producer=ctx.producer, store=store,
-                                    box=SecretBox(settings.secret_key), publisher=Publisher(ctx.producer))
+                                    box=SecretBox(settings.secret_key), publisher=Publisher(ctx.producer),
+                                    pruner=Pruner(store, settings.dedupe_days))
     for bp in (github.bp, token_hooks.bp, admin.bp, openapi.bp):
         app.register_blueprint(bp)

@@ -34,6 +34,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SHIPLINE_SECRET_KEY": ("", "Fernet key encrypting HMAC secrets at rest (generated into the data dir when unset)"),
     "GITHUB_WEBHOOK_SECRET": ("", "global secret accepted on POST /api/webhook"),
     "SHIPLINE_MAX_BODY": ("26214400", "largest accepted request body in bytes (25 MB)"),
+    "SHIPLINE_DEDUPE_DAYS": ("30", "days the ingress remembers accepted delivery ids to answer redeliveries"),
     "SHIPLINE_OUTBOUND_ALLOW": ("", "CIDRs outbound webhooks may reach although private/loopback"),
     "SHIPLINE_PROXY_PORT": ("8000", "first port of the reverse proxy's per-app frontends"),
     "SHIPLINE_APP_PORTS": ("20000-29999", "range the deployer allocates instance ports from"),
@@ -75,6 +76,7 @@ class Settings:
     secret_key: str
     github_webhook_secret: str
     max_body: int
+    dedupe_days: float
     outbound_allow: tuple[str, ...]
     proxy_port: int
     app_ports: tuple[int, int]
@@ -139,6 +141,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         secret_key=secret_key,
         github_webhook_secret=_get(env, "GITHUB_WEBHOOK_SECRET"),
         max_body=int(_get(env, "SHIPLINE_MAX_BODY")),
+        dedupe_days=float(_get(env, "SHIPLINE_DEDUPE_DAYS")),
         outbound_allow=tuple(c.strip() for c in _get(env, "SHIPLINE_OUTBOUND_ALLOW").split(",") if c.strip()),
         proxy_port=int(_get(env, "SHIPLINE_PROXY_PORT")),
         app_ports=(int(ports_lo), int(ports_hi)),
