@@ -92,16 +92,29 @@ RELEASE_NOT_LIVE = Rows(
     app_id="int8", at="timestamptz",
 )
 APP_DELETED = Rows(
-    "UPDATE apps a SET deleted = true, deleted_at = v.at, updated_at = v.at, current_revision = NULL"
+    "UPDATE apps a SET deleted = true, deleted_at = v.at, updated_at = v.at, current_revision = NULL, url = NULL"
     " FROM {rows} WHERE a.app_id = v.app_id",
+    app_id="int8", at="timestamptz",
+)
+APP_NOT_SERVING = Rows(
+    "UPDATE apps a SET current_revision = NULL, url = NULL, updated_at = v.at FROM {rows} WHERE a.app_id = v.app_id",
     app_id="int8", at="timestamptz",
 )
 
 
 @handles(m.AppDeleted)
 def app_deleted(w: Writer, env: Envelope) -> None:
+    """A deleted app serves nothing: no current release, no URL (the deployer retires it next)."""
     w.rows(RELEASE_NOT_LIVE, app_id=env.app_id, at=env.time)
     w.rows(APP_DELETED, app_id=env.app_id, at=env.time)
+
+
+@handles(m.AppRetired)
+def app_retired(w: Writer, env: Envelope) -> None:
+    """The deployer took the app down. Again no current release and no URL: a deploy that was in
+    flight when the app was deleted may have finished (``deployed``) between the two events."""
+    w.rows(RELEASE_NOT_LIVE, app_id=env.app_id, at=env.time)
+    w.rows(APP_NOT_SERVING, app_id=env.app_id, at=env.time)
 
 
 WEBHOOK_ENABLED = Rows(

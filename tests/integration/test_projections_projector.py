@@ -75,7 +75,9 @@ def full_story() -> Story:
            correlation="req-bad")
     s.register(2, "blog")
     s.push_to_deploy(2, 1, 1, "gh-delivery-3")
-    s.emit(m.AppDeleted(app_id=2, requested_by="admin"), correlation="req-delete-2")
+    deleted = s.emit(m.AppDeleted(app_id=2, requested_by="admin"), correlation="req-delete-2")
+    s.emit(m.AppRetired(app_id=2, stopped=["sl-x-a2-r1-1-ab12"], revision=1, url="http://127.0.0.1:8002"),
+           cause=deleted)
     return s
 
 
@@ -94,6 +96,7 @@ def test_projector_folds_every_table(settings) -> None:
     assert shop["webhook_enabled"] is False and shop["webhook_token_hash"] is None
     assert shop["webhook_last_used_at"] is not None  # the token delivery, while it was enabled
     assert blog["deleted"] is True and blog["current_revision"] is None and blog["deleted_at"] is not None
+    assert blog["url"] is None  # deleted and retired: it serves nothing
 
     hooks = rows(settings, "SELECT * FROM {s}.deploy_hooks")
     assert len(hooks) == 1
@@ -148,7 +151,7 @@ def test_projector_folds_every_table(settings) -> None:
         assert iso(a["time"]) == env.time
         assert a["data"] == json.loads(codec.encode(env))["data"]
         assert a["topic"] == settings.topics.events
-    assert by_id[story.envs[-1].id]["type"] == "app.deleted"
+    assert [by_id[e.id]["type"] for e in story.envs[-2:]] == ["app.deleted", "app.retired"]
     assert any(a["type"] == "request.rejected" for a in audit)  # audit-only types are kept too
 
     offsets = rows(settings, "SELECT * FROM {s}.offsets")
