@@ -68,6 +68,13 @@ class Outcome:
     url: str = ""
 
 
+@dataclass
+class Retired:
+    stopped: list[str]
+    revision: int | None
+    url: str
+
+
 class StepFailed(RuntimeError):
     def __init__(self, step: str, reason: str) -> None:
         super().__init__(f"{step}: {reason}")
@@ -290,6 +297,65 @@ class Rollouts:
         self.store.drop_rollout(r.app_id)
         if r.new:
             dlog(f"rolled back: removed {', '.join(i.id for i in r.new)}; the previous release keeps serving")
+
+    # ---------------------------------------------------------------------------- retire
+
+    def retire(self, app_id: int) -> Retired:
+        """Take an app down (the caller holds the app lock): its frontend leaves the proxy first, so
+        no request reaches an instance that is stopping, then every instance of the app this scope
+        runs is stopped — the current release's, an abandoned rollout's, and any stray found on the
+        machine under the app's instance prefix, whatever the strategy. Idempotent: with nothing
+        left it stops nothing. The caller forgets the app in the store when it records the command.
+        """
+        release = self.store.release(app_id)
+        rollout = self.store.rollout(app_id)
+        instances: dict[str, Instance] = {}
+        for inst in (release.instances if release else []) + (rollout.new + rollout.old if rollout else []):
+            instances.setdefault(inst.id, inst)
+        prefix = f"sl-{self.scope}-a{int(app_id)}-"
+        for kind, strategy in self.strategies.items():
+            available = getattr(strategy, "available", None)
+            if available is not None and not available():
+                continue  # e.g. no Docker engine runs: then no container of ours runs either
+            try:
+                running = strategy.running_ids()
+            except Exception as exc:  # noqa: BLE001 - e.g. the engine went away
+                log.warning("retire app %s: cannot list %s instances: %s", app_id, kind, exc)
+                continue
+            for iid, found in running.items():
+                if found is not None and iid.startswith(prefix):
+                    instances.setdefault(iid, found)
+        routed = app_id in self.proxy.state().apps
+        url = self.proxy.url(app_id) if routed or release is not None else ""
+        if routed:
+            try:
+                self.proxy.remove_app(app_id)
+            except ProxyError as exc:
+                # the frontend stays for now, but with no server in it nothing reaches the app
+                log.warning("retire app %s: could not remove its frontend (%s); disabling its servers", app_id, exc)
+                for slot in self.proxy.slots_of(app_id):
+                    if not slot.free:
+                        try:
+                            self.proxy.release(app_id, slot.name)
+                        except ProxyError as err:
+                            log.warning("retire app %s: release slot %s: %s", app_id, slot.name, err)
+        stopped = []
+        for inst in instances.values():
+            if self._is_running(inst):
+                stopped.append(inst.id)
+            self._stop_instance(inst)
+        log.info("retired app %s: route %s, stopped %s", app_id, "removed" if routed else "absent",
+                 ", ".join(stopped) or "nothing")
+        return Retired(stopped=stopped, revision=release.revision if release else None, url=url)
+
+    def _is_running(self, inst: Instance) -> bool:
+        strategy = self.strategies.get(inst.kind)
+        if strategy is None:
+            return False
+        try:
+            return strategy.alive(inst)[0]
+        except Exception:  # noqa: BLE001 - e.g. no engine: it cannot be running there
+            return False
 
     # -------------------------------------------------------------------------- recovery
 

@@ -11,6 +11,7 @@ command        reports
 build.image    ``build.started``, then ``build.finished`` (succeeded|failed|cancelled)
 deploy.release ``deploy.started``, then ``deployed`` or ``deploy.failed {step, reason}``
 job.run        ``job.finished {exit_code, log}``
+app.retire     ``app.retired {stopped, revision, url}`` (the app's route and instances are gone)
 =============  =====================================================================
 
 Each report's id is ``derive_id(command id, report type)``, its correlationid the command's and
@@ -52,6 +53,7 @@ from shipline import codec, kafka
 from shipline.config import Settings
 from shipline.envelope import Envelope, derive_id, wrap
 from shipline.messages import (
+    AppRetired,
     BuildFinished,
     BuildImage,
     BuildStarted,
@@ -61,6 +63,7 @@ from shipline.messages import (
     DeployStarted,
     JobFinished,
     Message,
+    RetireApp,
     RunJob,
 )
 
@@ -137,6 +140,7 @@ class Deployer:
             BuildImage: self.on_build,
             DeployRelease: self.on_deploy,
             RunJob: self.on_job,
+            RetireApp: self.on_retire,
         }
 
     # --------------------------------------------------------------------------- commands
@@ -158,7 +162,8 @@ class Deployer:
             messages = handler(env)  # raises Interrupted when a deploy had to be undone for a stop
             reports = [report(env, m) for m in messages]
             self.store.complete(env.id, env.app_id, env.type, [codec.encode(r) for r in reports],
-                                drop_rollout=isinstance(env.data, DeployRelease))
+                                drop_rollout=isinstance(env.data, DeployRelease),
+                                forget_app=isinstance(env.data, RetireApp))
         return reports
 
     def _progress(self, env: Envelope, message: Message) -> None:
@@ -236,6 +241,16 @@ class Deployer:
             code, text = -1, f"the job could not run: {exc}"
         return [JobFinished(app_id=cmd.app_id, job=cmd.job, exit_code=code, log=text[-64 * 1024:],
                             duration=round(time.monotonic() - started, 3))]
+
+    def on_retire(self, env: Envelope) -> list[Message]:
+        """The app was deleted: route removed, instances stopped; the store forgets it on completion.
+
+        A retire of an app with nothing running (replayed, or never deployed) stops nothing and
+        reports so; it never fails.
+        """
+        cmd: RetireApp = env.data  # type: ignore[assignment]
+        retired = self.rollouts.retire(cmd.app_id)
+        return [AppRetired(app_id=cmd.app_id, stopped=retired.stopped, revision=retired.revision, url=retired.url)]
 
     # --------------------------------------------------------------------------- recovery
 

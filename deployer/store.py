@@ -241,16 +241,20 @@ class Store:
         return [r.encode() for r in json.loads(row[0])]
 
     def complete(self, command_id: str, app_id: int, type_name: str, reports: list[bytes],
-                 drop_rollout: bool = False) -> None:
-        """Record a command as done with its encoded reports (and end its rollout in the same transaction)."""
+                 drop_rollout: bool = False, forget_app: bool = False) -> None:
+        """Record a command as done with its encoded reports, in the same transaction ending its
+        rollout (``drop_rollout``) or forgetting the app's release and rollout (``forget_app``: the
+        app was retired, so reconciliation must not bring it back)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO completed (command_id, app_id, type, reports, completed_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (command_id) DO NOTHING",
                 (command_id, app_id, type_name, json.dumps([r.decode() for r in reports]), time.time()),
             )
-            if drop_rollout:
+            if drop_rollout or forget_app:
                 db.execute("DELETE FROM rollouts WHERE app_id = ?", (app_id,))
+            if forget_app:
+                db.execute("DELETE FROM releases WHERE app_id = ?", (app_id,))
             # keep the table small: the last 5000 commands are plenty to answer redeliveries
             db.execute("DELETE FROM completed WHERE command_id IN (SELECT command_id FROM completed "
                        "ORDER BY completed_at DESC LIMIT -1 OFFSET 5000)")

@@ -17,12 +17,12 @@ import pytest
 from deployer.proxy import Proxy
 from deployer.service import DeployerService
 from deployer.strategies import scope_of
-from deployer.strategies.process import ProcessStrategy
+from deployer.strategies.process import ProcessStrategy, proc_state
 from deployer.teardown import stop_everything
 from shipline import kafka
 from shipline.config import Settings
 from shipline.envelope import Envelope
-from shipline.messages import BuildImage, DeployRelease, Message, RunJob
+from shipline.messages import BuildImage, DeployRelease, Message, RetireApp, RunJob
 from tests.conftest import ROOT, free_port
 from tests.integration.test_deployer_docker import (
     Load,
@@ -269,3 +269,104 @@ def test_adding_an_app_reloads_haproxy_seamlessly_and_a_taken_port_fails_only_th
         wait_until("more load after the reloads", lambda: load.total > before + 10)
     assert load.failures == [], load.failures[:5]
     d.close()
+
+
+def release_row(settings: Settings, app_id: int) -> tuple[Any, ...] | None:
+    db = sqlite3.connect(f"file:{Path(settings.data_dir) / 'deployer' / 'state.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT revision, instances FROM releases WHERE app_id = ?", (app_id,)).fetchone()
+    finally:
+        db.close()
+
+
+def refused(url: str) -> bool:
+    try:
+        get(url, timeout=2)
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_serving(
+    psettings: Settings, app_id: int, tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from deployer.ports import PortAllocator, port_is_free
+
+    def two_free() -> int | None:  # the two apps' proxy ports, side by side
+        p = free_port()
+        return p if port_is_free(p + 1) else None
+
+    s = dataclasses.replace(psettings, proxy_port=wait_until("2 free ports in a row", two_free) - app_id)
+    other = app_id + 1
+    repo = Repo(tmp_path / "repo")
+    sha = repo.commit(version(1))
+    apps = {a: app_config(a, repo) for a in (app_id, other)}
+    stop = threading.Event()
+    runner = threading.Thread(target=DeployerService(s, stop).run, daemon=True)
+    runner.start()
+    producer = kafka.producer(s.bootstrap_servers)
+    reports = Reports(s.bootstrap_servers, s.topics.reports)
+
+    def send(env: Envelope) -> Envelope:
+        kafka.send_sync(producer, s.topics.commands, env)
+        return env
+
+    def instances_of(a: int) -> dict[str, Any]:
+        return {iid: i for iid, i in our_processes(s).items() if f"-a{a}-" in iid}
+
+    try:
+        urls = {}
+        for a in (app_id, other):  # no build: each release is cloned from the commit
+            send(command(DeployRelease(app_id=a, revision=1, image="", commit=sha, app=apps[a])))
+            urls[a] = reports.wait("deployed", app_id=a, revision=1).data.url
+            assert get(urls[a]) == (200, "v1")
+        [(iid, inst)] = instances_of(app_id).items()
+        [(other_iid, other_inst)] = instances_of(other).items()
+
+        with Load(urls[other]) as load:
+            wait_until("load on the other app", lambda: load.total > 10)
+            retire = send(command(RetireApp(app_id=app_id, app=apps[app_id])))
+            retired = reports.wait("app.retired", app_id=app_id)
+            before = load.total
+            wait_until("more load on the other app after the retire", lambda: load.total > before + 10)
+        assert load.failures == [], load.failures[:5]  # the reload removing the app is seamless for the rest
+
+        assert retired.causationid == retire.id and retired.correlationid == retire.correlationid
+        assert (retired.data.stopped, retired.data.revision, retired.data.url) == ([iid], 1, urls[app_id])
+        # the report comes after the work: the instance is stopped, its process gone from the machine
+        assert instances_of(app_id) == {}
+        st = proc_state(inst.pid)
+        assert st is None or st[1] != inst.starttime, st
+        # the proxy no longer listens for the app, and HAProxy has no backend for it
+        wait_until("the app's proxy address refusing connections", lambda: refused(urls[app_id]), timeout=15)
+        proxy = Proxy(s.data_dir, s.proxy_port)
+        assert app_id not in proxy.state().apps and proxy.stats(app_id) == {}
+        # the deployer forgot it: no release to reconcile back to life, its port is free again
+        assert release_row(s, app_id) is None and rollout_phase(s, app_id) is None
+        assert iid not in PortAllocator(s.data_dir, s.app_ports).allocated().values()
+        # the other app is untouched
+        assert instances_of(other) == {other_iid: other_inst} and get(urls[other]) == (200, "v1")
+        assert release_row(s, other) is not None
+
+        # the same command delivered again is answered with the same report; a new retire of the
+        # retired app stops nothing and still reports
+        send(retire)
+        wait_until("the redelivered retire answered", _poll_reports(reports, "app.retired", 2, app_id=app_id))
+        assert {e.id for e in reports.all("app.retired", app_id=app_id)} == {retired.id}
+        again = send(command(RetireApp(app_id=app_id, app=apps[app_id])))
+
+        def answer_to_again() -> list[Envelope]:
+            _poll_reports(reports, "app.retired", 0)()  # reads one more record, if any
+            return [e for e in reports.all("app.retired") if e.causationid == again.id]
+
+        [second] = wait_until("the second retire reported", answer_to_again)
+        assert (second.data.stopped, second.data.revision, second.data.url) == ([], None, "")
+        assert refused(urls[app_id]) and get(urls[other]) == (200, "v1")
+        assert instances_of(other) == {other_iid: other_inst}
+    finally:
+        stop.set()
+        runner.join(15)
+        reports.close()
+    assert not runner.is_alive()

@@ -149,6 +149,18 @@ def test_store_records_completion_with_reports_and_ends_the_rollout_atomically(t
     assert store.completed("cmd-1") == [b'{"x":1}']
 
 
+def test_retiring_an_app_forgets_its_release_and_rollout_with_the_completion(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    inst = Instance("i1", "process", 20001, 2, "process:/x", pid=5, starttime=9, slot="s1")
+    for app in (7, 8):
+        store.set_release(Release(app, 2, "process:/x", "abc", "process", [inst], {"name": "a"}))
+        store.save_rollout(Rollout(app, f"cmd-{app}", "c", 3, "process:/y", "def", "process", "starting", [], [inst],
+                                   {"name": "a"}, 1.0))
+    store.complete("retire-7", 7, "app.retire", [b'{"r":1}'], forget_app=True)
+    assert store.release(7) is None and store.rollout(7) is None and store.completed("retire-7") == [b'{"r":1}']
+    assert store.release(8) is not None and store.rollout(8) is not None  # other apps are untouched
+
+
 def test_store_lists_images_newest_first(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     for b in (1, 3, 2):
