@@ -23,9 +23,10 @@ from deployer.build import (
     sanitize,
 )
 from deployer.health import probe, wait_healthy
+from deployer.locks import AppLocks
 from deployer.ports import PortAllocator, port_is_free
-from deployer.proxy import AppProxy, ProxyState, Slot, render_config
-from deployer.rollout import _app_of
+from deployer.proxy import AppProxy, Proxy, ProxyState, Slot, render_config
+from deployer.rollout import Rollouts, Timing, _app_of
 from deployer.service import outcome_message, report
 from deployer.store import Instance, Release, Rollout, Store
 from deployer.strategies import app_env, scope_of
@@ -325,3 +326,56 @@ def test_process_builds_are_release_folders_and_only_the_newest_are_retained(tmp
     log = BuildLog(tmp_path / "build5.log")
     outcome = builder.build(failing, 5, sha.strip(), app["repo_url"], log)
     assert (outcome.status, outcome.exit_code) == ("failed", 7) and "nope" in log.tail()
+
+
+# ------------------------------------------------------------------------------------ retire
+
+
+class FakeStrategy:
+    """What runs, by instance id; ``stop`` takes it away (a stand-in for containers / processes)."""
+
+    def __init__(self, kind: str, running: set[str]) -> None:
+        self.kind = kind
+        self.running = running
+        self.stopped: list[str] = []
+
+    def alive(self, inst: Instance) -> tuple[bool, str]:
+        return (inst.id in self.running, "")
+
+    def stop(self, inst: Instance, timeout: float = 10) -> None:
+        self.stopped.append(inst.id)
+        self.running.discard(inst.id)
+
+    def running_ids(self) -> dict[str, Instance | None]:
+        return {i: Instance(i, self.kind, 0, 0, "") for i in self.running}
+
+
+def test_retire_stops_every_instance_of_the_app_in_both_strategies_and_drops_its_route(tmp_path: Path) -> None:
+    scope = "abcd1234"
+    docker = FakeStrategy("docker", {f"sl-{scope}-a7-r2-1-aaaa", f"sl-{scope}-a7-r1-1-stray", f"sl-{scope}-a70-r1-1-x"})
+    process = FakeStrategy("process", {f"sl-{scope}-a7-r3-1-bbbb", f"sl-{scope}-a8-r1-1-cccc"})
+    store = Store(tmp_path / "deployer" / "state.db")
+    ports = PortAllocator(tmp_path, (20000, 29999))
+    current = Instance(f"sl-{scope}-a7-r2-1-aaaa", "docker", ports.allocate(f"sl-{scope}-a7-r2-1-aaaa"), 2, "img:2")
+    store.set_release(Release(7, 2, "img:2", "c2", "docker", [current], {}))
+    store.save_rollout(Rollout(7, "cmd", "corr", 3, "process:/x", "c3", "process", "starting",  # abandoned
+                               [Instance(f"sl-{scope}-a7-r3-1-bbbb", "process", 20001, 3, "process:/x")],
+                               [current], {}, 1.0))
+    proxy = Proxy(tmp_path, 8000)  # HAProxy does not run here: only its recorded state changes
+    proxy._save(ProxyState({7: AppProxy(7, 8007, [Slot("s1")]), 8: AppProxy(8, 8008, [Slot("s1")])}))
+    rollouts = Rollouts(data_dir=tmp_path, scope=scope, proxy=proxy, store=store, ports=ports,
+                        locks=AppLocks(tmp_path), strategies={"docker": docker, "process": process},  # type: ignore[dict-item]
+                        timing=Timing(), stop=threading.Event())
+
+    retired = rollouts.retire(7)
+    assert sorted(retired.stopped) == sorted([f"sl-{scope}-a7-r2-1-aaaa", f"sl-{scope}-a7-r1-1-stray",
+                                              f"sl-{scope}-a7-r3-1-bbbb"])
+    assert (retired.revision, retired.url) == (2, "http://127.0.0.1:8007")
+    assert docker.running == {f"sl-{scope}-a70-r1-1-x"} and process.running == {f"sl-{scope}-a8-r1-1-cccc"}
+    assert set(proxy.state().apps) == {8}  # app 7's frontend is gone, app 8's stays
+    assert current.id not in ports.allocated().values()
+
+    store.complete("retire", 7, "app.retire", [], forget_app=True)  # as Deployer.handle records it
+    again = rollouts.retire(7)  # a new retire of the retired app: nothing left, never an error
+    assert (again.stopped, again.revision, again.url) == ([], None, "")
+    assert docker.stopped.count(current.id) == 1
