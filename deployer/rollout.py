@@ -508,8 +508,12 @@ def _alive(strategy: Strategy, inst: Instance) -> Callable[[], tuple[bool, str]]
 
 
 def _app_of(instance_id: str) -> int | None:
-    """``sl-<scope>-a<app>-r<rev>-...`` -> app id."""
-    for part in instance_id.split("-"):
-        if part.startswith("a") and part[1:].isdigit():
-            return int(part[1:])
-    return None
+    """``sl-<scope>-a<app>-r<rev>-...`` -> app id.
+
+    Read from the third part only: the scope is 8 hex digits and may itself look like ``a1234567``.
+    """
+    parts = instance_id.split("-")
+    if len(parts) < 3 or parts[0] != "sl":
+        return None
+    part = parts[2]
+    return int(part[1:]) if part.startswith("a") and part[1:].isdigit() else None

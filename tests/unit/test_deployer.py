@@ -287,7 +287,9 @@ def test_reports_have_deterministic_ids_and_carry_the_command_correlation() -> N
 
 def test_instance_ids_name_their_app_and_env_shapes() -> None:
     assert _app_of("sl-1234abcd-a42-r3-1-beef") == 42
-    assert _app_of("nothing") is None
+    assert _app_of("sl-a1234567-a42-r3-1-beef") == 42  # a scope that looks like an app part
+    assert _app_of("sl-a1234567-a7-job3") == 7
+    assert _app_of("nothing") is None and _app_of("sl-1234abcd") is None
     assert app_env({"env": {"A": 1}}) == {"A": "1"}
     assert app_env({"env": [{"name": "B", "value": "2"}]}) == {"B": "2"}
 
