@@ -24,6 +24,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "message.timeout.ms": 10000,
     "socket.keepalive.enable": True,
     "log_level": 3,
+    # librdkafka's default (1,000,000) would refuse a delivery of a few MB locally; the topics that
+    # carry bodies take codec.MAX_RECORD (shipline.topics)
+    "message.max.bytes": codec.MAX_RECORD + 1024 * 1024,
 }
 
 
