@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -82,6 +83,11 @@ def main(settings: Settings, stop: threading.Event) -> int:
     # (futures, callbacks, transports); bench.streams drained ~4,300-4,900/s on asyncio's loop
     # and ~5,400-6,200/s on uvloop. The policy covers Faust's consumer-thread loop too.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # The worker allocates a few dozen objects per record (Faust events, envelopes, futures): at
+    # the default threshold of 700 the cyclic collector ran many times a second, walking Faust's
+    # long-lived structures. Collecting every 50,000 allocations: bench.streams 5,100 -> 5,450/s
+    # (mean of 4-5 runs each); reference counting still frees acyclic garbage at once.
+    gc.set_threshold(50_000, 20, 20)
     asyncio.run(serve(settings, stop))
     return 0
 
