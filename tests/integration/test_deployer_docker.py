@@ -34,7 +34,7 @@ from shipline.infra.docker_engine import (
     ensure_engine,
     stop_engine,
 )
-from shipline.messages import BuildImage, DeployRelease, Message, RunJob
+from shipline.messages import BuildImage, DeployRelease, Message, RetireApp, RunJob
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -361,11 +361,28 @@ def test_rolling_update_and_rollback_through_kafka_with_zero_failed_requests(
         again = reports.all("deployed", revision=3)
         assert again[0].id == again[1].id and again[0].data == again[1].data
         assert [c.name for c in scope_containers(docker_client, dsettings)] == [c.name for c in running]
+
+        # deleting the app retires it on the real engine: its container goes, its address stops answering
+        retire = send(RetireApp(app_id=app_id, app=app))
+        retired = reports.wait("app.retired", app_id=app_id)
+        assert retired.causationid == retire.id
+        assert (retired.data.stopped, retired.data.revision, retired.data.url) == (
+            [c.name for c in running], 3, url)
+        assert [c for c in scope_containers(docker_client, dsettings) if c.status == "running"] == []
+        wait_until("the app's address refusing connections", lambda: _refused(url), timeout=15)
     finally:
         stop.set()
         runner.join(15)
         reports.close()
     assert not runner.is_alive()
+
+
+def _refused(url: str) -> bool:
+    try:
+        get(url, timeout=2)
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def _poll_reports(reports: Reports, type_name: str, count: int, **fields: Any) -> Callable[[], bool]:
