@@ -109,12 +109,23 @@ def app_deleted(w: Writer, env: Envelope) -> None:
     w.rows(APP_DELETED, app_id=env.app_id, at=env.time)
 
 
+RELEASES_CANCELLED = Rows(
+    "UPDATE releases r SET status = 'cancelled', finished_at = v.at, failure_reason = 'the app was deleted'"
+    " FROM {rows} WHERE r.app_id = v.app_id AND r.status = 'requested'",
+    app_id="int8", at="timestamptz",
+)
+
+
 @handles(m.AppRetired)
 def app_retired(w: Writer, env: Envelope) -> None:
     """The deployer took the app down. Again no current release and no URL: a deploy that was in
-    flight when the app was deleted may have finished (``deployed``) between the two events."""
+    flight when the app was deleted may have finished (``deployed``) between the two events. A
+    deploy still waiting its turn (latest wins) will never run: it is cancelled. (The deployer
+    carries out an app's commands in order, so every deploy sent before the retire has reported
+    by now.)"""
     w.rows(RELEASE_NOT_LIVE, app_id=env.app_id, at=env.time)
     w.rows(APP_NOT_SERVING, app_id=env.app_id, at=env.time)
+    w.rows(RELEASES_CANCELLED, app_id=env.app_id, at=env.time)
 
 
 WEBHOOK_ENABLED = Rows(

@@ -75,6 +75,9 @@ def full_story() -> Story:
            correlation="req-bad")
     s.register(2, "blog")
     s.push_to_deploy(2, 1, 1, "gh-delivery-3")
+    # a deploy still waiting its turn when the app is deleted: it never runs
+    s.emit(m.DeployRequested(app_id=2, revision=2, image="registry.example.com/blog:2", commit="c2",
+                             trigger="manual", build=None, cause="req-deploy-2"), correlation="req-deploy-2")
     deleted = s.emit(m.AppDeleted(app_id=2, requested_by="admin"), correlation="req-delete-2")
     s.emit(m.AppRetired(app_id=2, stopped=["sl-x-a2-r1-1-ab12"], revision=1, url="http://127.0.0.1:8002"),
            cause=deleted)
@@ -123,6 +126,7 @@ def test_projector_folds_every_table(settings) -> None:
     assert rel[(1, 4)]["status"] == "failed" and rel[(1, 4)]["failed_step"] == "health"
     assert rel[(1, 4)]["trigger"] == "rollback" and rel[(1, 4)]["current"] is False
     assert rel[(2, 1)]["current"] is False and rel[(2, 1)]["live_until"] is not None  # app deleted
+    assert rel[(2, 2)]["status"] == "cancelled" and rel[(2, 2)]["finished_at"] is not None  # never ran
 
     dels = {r["delivery_id"]: r for r in rows(settings, "SELECT * FROM {s}.deliveries")}
     assert set(dels) == {"gh-delivery-1", "gh-delivery-2", "gh-delivery-3", "tok-delivery-1"}
