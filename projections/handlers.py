@@ -187,6 +187,10 @@ def _storable_body(body: str, encoding: str) -> tuple[str, str]:
     return body, encoding
 
 
+HOOK_USED = Rows(
+    "UPDATE deploy_hooks h SET last_used_at = GREATEST(h.last_used_at, v.at) FROM {rows} WHERE h.hook_id = v.hook_id",
+    hook_id="text", at="timestamptz",
+)
 DELIVERY_ACCEPTED = Rows(
     "INSERT INTO deliveries (delivery_id, app_id, source, route, event, verification, received_at, outcome,"
     " reason, headers, body, body_encoding, event_id, correlation_id)"
@@ -219,6 +223,8 @@ def delivery_accepted(w: Writer, env: Envelope) -> None:
     )
     if d.verification == "token":
         w.rows(WEBHOOK_USED, app_id=d.app_id, at=d.received_at)
+    if d.hook_id:
+        w.rows(HOOK_USED, hook_id=d.hook_id, at=d.received_at)
 
 
 @handles(m.DeliveryDuplicate)

@@ -100,13 +100,13 @@ def get_app(conn: Conn, schema: str, app_id: int) -> dict[str, Any] | None:
 def deploy_hooks(conn: Conn, schema: str, app_id: int) -> list[dict[str, Any]]:
     rows = _rows(
         conn,
-        f"SELECT hook_id, name, token_prefix, created_at, deleted, deleted_at FROM {schema}.deploy_hooks"
+        f"SELECT hook_id, name, token_prefix, created_at, last_used_at, deleted, deleted_at FROM {schema}.deploy_hooks"
         " WHERE app_id = %s ORDER BY created_at, hook_id",
         (app_id,),
     )
     return [
         {"id": r["hook_id"], "name": r["name"], "token_prefix": r["token_prefix"], "created_at": iso(r["created_at"]),
-         "deleted": r["deleted"], "deleted_at": iso(r["deleted_at"])}
+         "last_used_at": iso(r["last_used_at"]), "deleted": r["deleted"], "deleted_at": iso(r["deleted_at"])}
         for r in rows
     ]
 

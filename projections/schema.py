@@ -203,7 +203,8 @@ CREATE TABLE offsets (
 );
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, V1)]
+# 2: when a deploy hook's token was last used (folded from delivery.accepted's hook_id)
+MIGRATIONS: list[tuple[int, str]] = [(1, V1), (2, "ALTER TABLE deploy_hooks ADD COLUMN last_used_at timestamptz;")]
 
 
 def checksum(conn: psycopg.Connection[Any], schema: str, *, offsets: bool = True) -> dict[str, str]:

@@ -257,6 +257,7 @@ class DeliveryAccepted(Message):
     headers: dict[str, str]
     body: str
     body_encoding: str
+    hook_id: str | None = None  # the deploy hook whose token authenticated it
 
 
 @event("delivery.duplicate")

@@ -395,7 +395,7 @@ def _delivery(s: AppState, env: Envelope, out: Outputs) -> None:
     out.emit(DeliveryAccepted(
         app_id=s.app_id, delivery_id=d.delivery_id, source=d.source, route=d.route, event=d.event,
         verification=d.verification, received_at=d.received_at, outcome=outcome, reason=reason,
-        headers=d.headers, body=d.body, body_encoding=d.body_encoding,
+        headers=d.headers, body=d.body, body_encoding=d.body_encoding, hook_id=d.hook_id,
     ))
     # The caused records keep the ids they were derived with (distinct from the audit copy's,
     # since a derived id includes the type): the audit copy comes first in the log.

@@ -108,7 +108,7 @@ def test_apps_history_builds_hooks(folded, settings) -> None:
 
     hooks = get(client, settings, "/api/v1/apps/1/deploy-hooks").get_json()
     assert hooks == [{"id": "hook-1", "name": "ci", "token_prefix": "dh_9f", "created_at": hooks[0]["created_at"],
-                      "deleted": False, "deleted_at": None}]
+                      "last_used_at": None, "deleted": False, "deleted_at": None}]
 
     # the ingress keeps its writes on the same paths
     assert client.post("/api/v1/apps", json={}, headers={"Authorization": f"Bearer {settings.admin_token}"}

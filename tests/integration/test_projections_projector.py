@@ -55,6 +55,11 @@ def full_story() -> Story:
     # rollback to 1 as revision 4 fails its health check: 3 stays current
     s.deploy(1, 4, "registry.example.com/x:one", "1" * 40, trigger="rollback", correlation="req-rollback",
              requested_by="linus", outcome="failed")
+    # a deploy-hook delivery (Shipmight's route) marks the hook as used
+    s.emit(m.DeliveryAccepted(app_id=1, delivery_id="dh-delivery-1", source="shipmight", route="/api/v1/dh",
+                              event="job", verification="deploy_hook", received_at="2026-02-03T04:05:06.000007Z",
+                              outcome="queued", reason="", headers={}, body="{}", body_encoding="utf8",
+                              hook_id="hook-1"), correlation="dh-delivery-1")
     job = s.emit(m.JobRequested(app_id=1, job=1, image="registry.example.com/x:three", env={"TASK": "migrate"},
                                 cause="hook-1"), correlation="dh-delivery-1")
     s.emit(m.JobFinished(app_id=1, job=1, exit_code=0, log="migrated", duration=1.5), cause=job)
@@ -105,6 +110,7 @@ def test_projector_folds_every_table(settings) -> None:
     assert len(hooks) == 1
     assert hooks[0]["token_hash"] == "d" * 64 and hooks[0]["token_prefix"] == "dh_1234"
     assert hooks[0]["deleted"] is True
+    assert iso(hooks[0]["last_used_at"]) == "2026-02-03T04:05:06.000007Z"
 
     builds = {(r["app_id"], r["number"]): r for r in rows(settings, "SELECT * FROM {s}.builds")}
     ok, failed = builds[(1, 1)], builds[(1, 2)]
@@ -129,7 +135,7 @@ def test_projector_folds_every_table(settings) -> None:
     assert rel[(2, 2)]["status"] == "cancelled" and rel[(2, 2)]["finished_at"] is not None  # never ran
 
     dels = {r["delivery_id"]: r for r in rows(settings, "SELECT * FROM {s}.deliveries")}
-    assert set(dels) == {"gh-delivery-1", "gh-delivery-2", "gh-delivery-3", "tok-delivery-1"}
+    assert set(dels) == {"gh-delivery-1", "gh-delivery-2", "gh-delivery-3", "tok-delivery-1", "dh-delivery-1"}
     assert dels["gh-delivery-2"]["duplicates"] == 1 and dels["gh-delivery-2"]["last_duplicate_at"] is not None
     assert dels["gh-delivery-1"]["outcome"] == "queued" and dels["gh-delivery-1"]["verification"] == "hmac"
     assert json.loads(dels["gh-delivery-1"]["body"])["pusher"]["name"] == "ada"

@@ -67,10 +67,11 @@ def push(delivery_id: str = "d1", ref: str = "refs/heads/main", sha: str = SHA, 
 
 
 def delivery(body: str, *, delivery_id: str = "d1", event: str = "deploy", source: str = "skipper",
-             encoding: str = "utf8") -> Envelope:
+             encoding: str = "utf8", hook_id: str | None = None) -> Envelope:
     return wrap(DeliveryReceived(app_id=APP, delivery_id=delivery_id, source=source, route="/r", event=event,
                                  headers={"X-GitHub-Event": event}, body=body, body_encoding=encoding,
-                                 verification="hmac", received_at="2026-01-01T00:00:00Z"), source="ingress")
+                                 verification="deploy_hook" if hook_id else "hmac",
+                                 received_at="2026-01-01T00:00:00Z", hook_id=hook_id), source="ingress")
 
 
 def report(message, cause: str = "cmd-1", correlation: str = "d1") -> Envelope:  # type: ignore[no-untyped-def]
@@ -305,8 +306,9 @@ def test_skipper_hook_requests_a_deploy_and_releases_it() -> None:
 
 def test_shipmight_service_hook_tags_the_app_repository() -> None:
     body = base64.b64encode(json.dumps({"imageTag": "1.4"}).encode()).decode()
-    _, out = run(registered(), delivery(body, source="shipmight", encoding="base64"))
+    _, out = run(registered(), delivery(body, source="shipmight", encoding="base64", hook_id="h1"))
     assert types(out) == ["delivery.accepted", "deploy.requested", "deploy.release"]
+    assert out[0].data.hook_id == "h1"  # the audit copy names the hook (its "last used")
     assert out[1].data.image == "registry.local/web:1.4" and out[2].data.image == "registry.local/web:1.4"
 
 
