@@ -313,18 +313,9 @@ class Rollouts:
         for inst in (release.instances if release else []) + (rollout.new + rollout.old if rollout else []):
             instances.setdefault(inst.id, inst)
         prefix = f"sl-{self.scope}-a{int(app_id)}-"
-        for kind, strategy in self.strategies.items():
-            available = getattr(strategy, "available", None)
-            if available is not None and not available():
-                continue  # e.g. no Docker engine runs: then no container of ours runs either
-            try:
-                running = strategy.running_ids()
-            except Exception as exc:  # noqa: BLE001 - e.g. the engine went away
-                log.warning("retire app %s: cannot list %s instances: %s", app_id, kind, exc)
-                continue
-            for iid, found in running.items():
-                if found is not None and iid.startswith(prefix):
-                    instances.setdefault(iid, found)
+        for iid, found in self._running().items():
+            if iid.startswith(prefix):
+                instances.setdefault(iid, found)
         routed = app_id in self.proxy.state().apps
         url = self.proxy.url(app_id) if routed or release is not None else ""
         if routed:
@@ -347,6 +338,21 @@ class Rollouts:
         log.info("retired app %s: route %s, stopped %s", app_id, "removed" if routed else "absent",
                  ", ".join(stopped) or "nothing")
         return Retired(stopped=stopped, revision=release.revision if release else None, url=url)
+
+    def _running(self) -> dict[str, Instance]:
+        """Every instance of this scope found on the machine, whatever the strategy (id -> instance)."""
+        found: dict[str, Instance] = {}
+        for kind, strategy in self.strategies.items():
+            available = getattr(strategy, "available", None)
+            if available is not None and not available():
+                continue  # e.g. no Docker engine runs: then no container of ours runs either
+            try:
+                running = strategy.running_ids()
+            except Exception as exc:  # noqa: BLE001 - e.g. no Docker engine on this machine
+                log.info("cannot list %s instances: %s", kind, exc)
+                continue
+            found.update((iid, inst) for iid, inst in running.items() if inst is not None)
+        return found
 
     def _is_running(self, inst: Instance) -> bool:
         strategy = self.strategies.get(inst.kind)
@@ -424,26 +430,15 @@ class Rollouts:
                         self._repair(rel)
                     except Exception:  # noqa: BLE001 - one app must not stop the others
                         log.exception("could not repair app %s", rel.app_id)
-        for kind, strategy in self.strategies.items():
-            available = getattr(strategy, "available", None)
-            if available is not None and not available():
-                continue  # e.g. no Docker engine runs: then no container of ours runs either
-            try:
-                running = strategy.running_ids()
-            except Exception as exc:  # noqa: BLE001 - e.g. no Docker engine on this machine
-                log.info("cannot list %s instances: %s", kind, exc)
+        for iid, inst in self._running().items():
+            app_id = None if iid in known else _app_of(iid)
+            if app_id is None:
                 continue
-            for iid, inst in running.items():
-                if iid in known or inst is None:
-                    continue
-                app_id = _app_of(iid)
-                if app_id is None:
-                    continue
-                with self.locks.hold(app_id, blocking=False) as mine:
-                    if mine and self.store.rollout(app_id) is None:
-                        log.warning("removing stray %s instance %s", kind, iid)
-                        self._release_slot(app_id, inst)
-                        self._stop_instance(inst)
+            with self.locks.hold(app_id, blocking=False) as mine:
+                if mine and self.store.rollout(app_id) is None:
+                    log.warning("removing stray %s instance %s", inst.kind, iid)
+                    self._release_slot(app_id, inst)
+                    self._stop_instance(inst)
 
     def _repair(self, rel: Release) -> None:
         strategy = self.strategies.get(rel.strategy)

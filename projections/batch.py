@@ -104,6 +104,8 @@ def apply_batch(
     the schema's OID differs, ``SchemaSwapped`` is raised and nothing is written.
     """
     result = Result()
+    if decoded is None:
+        decoded = decode_all(records)
     for rec in records:
         key = (rec.topic(), rec.partition())
         result.offsets[key] = max(result.offsets.get(key, 0), rec.offset() + 1)
@@ -131,7 +133,7 @@ def _transaction(
     result: Result,
     reject: Reject,
     generation: int | None,
-    decoded: Sequence[Envelope | codec.InvalidRecord] | None,
+    decoded: Sequence[Envelope | codec.InvalidRecord],
     *,
     careful: bool,
 ) -> None:
@@ -188,18 +190,14 @@ def _fresh(
     stored: dict[tuple[str, int], int],
     result: Result,
     reject: Reject,
-    decoded: Sequence[Envelope | codec.InvalidRecord] | None = None,
+    decoded: Sequence[Envelope | codec.InvalidRecord],
 ) -> list[tuple[Any, Envelope]]:
     """The records not applied before (at or past the stored offset, with an unseen event id), decoded."""
     current = []
-    for i, rec in enumerate(records):
+    for rec, env in zip(records, decoded, strict=True):
         if rec.offset() < stored.get((rec.topic(), rec.partition()), -1):
             result.stale += 1
             continue
-        try:
-            env = _decode(rec) if decoded is None else decoded[i]
-        except codec.InvalidRecord as exc:
-            env = exc
         if isinstance(env, codec.InvalidRecord):
             _reject(result, reject, rec, env.reason)
         else:
@@ -216,10 +214,6 @@ def _fresh(
             seen.add(env.id)
             fresh.append((rec, env))
     return fresh
-
-
-def _decode(rec: Any) -> Envelope:
-    return codec.decode(rec.value())
 
 
 def decode_all(records: Sequence[Any]) -> list[Envelope | codec.InvalidRecord]:

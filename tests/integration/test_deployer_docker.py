@@ -369,7 +369,7 @@ def test_rolling_update_and_rollback_through_kafka_with_zero_failed_requests(
         assert (retired.data.stopped, retired.data.revision, retired.data.url) == (
             [c.name for c in running], 3, url)
         assert [c for c in scope_containers(docker_client, dsettings) if c.status == "running"] == []
-        wait_until("the app's address refusing connections", lambda: _refused(url), timeout=15)
+        wait_until("the app's address refusing connections", lambda: refused(url), timeout=15)
     finally:
         stop.set()
         runner.join(15)
@@ -377,7 +377,8 @@ def test_rolling_update_and_rollback_through_kafka_with_zero_failed_requests(
     assert not runner.is_alive()
 
 
-def _refused(url: str) -> bool:
+def refused(url: str) -> bool:
+    """Nothing listens on the URL's address any more."""
     try:
         get(url, timeout=2)
     except ConnectionRefusedError:

@@ -33,6 +33,7 @@ from tests.integration.test_deployer_docker import (
     deployer_env,
     deployer_settings,
     get,
+    refused,
     wait_until,
 )
 
@@ -277,14 +278,6 @@ def release_row(settings: Settings, app_id: int) -> tuple[Any, ...] | None:
         return db.execute("SELECT revision, instances FROM releases WHERE app_id = ?", (app_id,)).fetchone()
     finally:
         db.close()
-
-
-def refused(url: str) -> bool:
-    try:
-        get(url, timeout=2)
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_serving(
