@@ -35,6 +35,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "GITHUB_WEBHOOK_SECRET": ("", "global secret accepted on POST /api/webhook"),
     "SHIPLINE_MAX_BODY": ("26214400", "largest accepted request body in bytes (25 MB)"),
     "SHIPLINE_DEDUPE_DAYS": ("30", "days the ingress remembers accepted delivery ids to answer redeliveries"),
+    "SHIPLINE_OUTBOUND_KEEP_DAYS": ("30", "days the dispatcher keeps the pushes and builds it joins into build payloads"),
+    "SHIPLINE_REBUILD_WORKERS": ("", "processes a projections rebuild replays with (default: CPUs, at most the partitions)"),
     "SHIPLINE_OUTBOUND_ALLOW": ("", "CIDRs outbound webhooks may reach although private/loopback"),
     "SHIPLINE_PROXY_PORT": ("8000", "first port of the reverse proxy's per-app frontends"),
     "SHIPLINE_APP_PORTS": ("20000-29999", "range the deployer allocates instance ports from"),
@@ -71,6 +73,8 @@ class Settings:
     docker_host: str
     topic_prefix: str
     partitions: int
+    rebuild_workers: int  # 0: one per CPU
+    outbound_keep_days: float
     db_schema: str
     admin_token: str
     secret_key: str
@@ -142,6 +146,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         github_webhook_secret=_get(env, "GITHUB_WEBHOOK_SECRET"),
         max_body=int(_get(env, "SHIPLINE_MAX_BODY")),
         dedupe_days=float(_get(env, "SHIPLINE_DEDUPE_DAYS")),
+        outbound_keep_days=float(_get(env, "SHIPLINE_OUTBOUND_KEEP_DAYS")),
+        rebuild_workers=int(_get(env, "SHIPLINE_REBUILD_WORKERS") or "0"),
         outbound_allow=tuple(c.strip() for c in _get(env, "SHIPLINE_OUTBOUND_ALLOW").split(",") if c.strip()),
         proxy_port=int(_get(env, "SHIPLINE_PROXY_PORT")),
         app_ports=(int(ports_lo), int(ports_hi)),
