@@ -21,6 +21,7 @@ from psycopg import sql
 from outbound import ingest, signing, ssrf
 from outbound.options import Options, from_settings
 from outbound.replay import Replayer
+from outbound.retention import Pruner
 from outbound.schema import MIGRATIONS
 from outbound.sender import Sender
 from outbound.store import Store
@@ -56,6 +57,8 @@ class Dispatcher:
         self.sender = Sender(self.store, self.transport, self.opts, lambda token: signing.decrypt(key, token))
         self.sender.on_disabled = self.report_disabled
         self.replayer = Replayer(settings, self.store, self.sender, self.stop_event)
+        self.pruner = Pruner(self.store, self.opts.keep_days, self.stop_event, every=self.opts.prune_every,
+                             first=self.opts.prune_first)
         self._threads: list[threading.Thread] = []
         self._lock_conn: psycopg.Connection[Any] | None = None
 
@@ -79,6 +82,7 @@ class Dispatcher:
             self.sender.start()
             self._spawn("outbound-replay", self.replayer.run)
             self._spawn("outbound-listen", self._listen)
+            self._spawn("outbound-prune", self.pruner.run)
             while not stop.is_set():
                 if not self.sender.alive() or not all(t.is_alive() for t in self._threads):
                     log.error("a dispatcher thread died; exiting so the supervisor restarts us")

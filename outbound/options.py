@@ -22,6 +22,9 @@ class Options:
     per_endpoint: int = 8  # concurrent requests to one subscription at most
     jitter: float = 0.2  # +-20 %
     max_retry_after: float = 86400.0  # a Retry-After longer than this is capped
+    keep_days: float = 30.0  # days the pushes and builds joined into build_finish payloads are kept
+    prune_every: float = 3600.0  # seconds between prunes of those rows
+    prune_first: float = 60.0  # seconds after start before the first prune
 
 
 def from_settings(settings: Settings, **overrides: object) -> Options:
@@ -30,6 +33,7 @@ def from_settings(settings: Settings, **overrides: object) -> Options:
         schedule=tuple(d * settings.retry_scale for d in settings.retry_schedule),
         rotation=float(_setting(settings, "SHIPLINE_SECRET_ROTATION")),
         disable_after=float(_setting(settings, "SHIPLINE_OUTBOUND_DISABLE_AFTER")),
+        keep_days=settings.outbound_keep_days,
     )
     if overrides:
         import dataclasses

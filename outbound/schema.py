@@ -1,4 +1,8 @@
-"""The outbound schema: subscriptions, the delivery outbox, the attempt log, and small caches."""
+"""The outbound schema: subscriptions, the delivery outbox, the attempt log, and small caches.
+
+The caches that grow by a row per push and per build (``pushes``, ``builds``) are pruned after
+``SHIPLINE_OUTBOUND_KEEP_DAYS`` by ``outbound.retention``; ``apps`` has a row per app and is kept.
+"""
 
 from __future__ import annotations
 
@@ -122,6 +126,18 @@ CREATE TABLE replays (
     queued bigint NOT NULL DEFAULT 0,
     error text
 );
+""",
+    ),
+    # pushes and builds are only joined into build_finish payloads, so they are kept for
+    # SHIPLINE_OUTBOUND_KEEP_DAYS (outbound.retention). builds had no timestamp: rows that exist when
+    # this runs get the migration's time, so they go a full keep period after the upgrade (no
+    # backfill from queued_at: a text column, and one long UPDATE over a large table).
+    (
+        2,
+        """
+ALTER TABLE builds ADD COLUMN seen_at timestamptz NOT NULL DEFAULT now();
+CREATE INDEX pushes_by_age ON pushes (seen_at);
+CREATE INDEX builds_by_age ON builds (seen_at);
 """,
     ),
 ]

@@ -28,6 +28,7 @@ SUBSCRIPTION_COLUMNS = (
     "id, app_id, url, events, description, enabled, disabled_reason, disabled_at, failing_since,"
     " previous_secret_expires_at, created_at, updated_at"
 )
+PRUNED_TABLES = ("pushes", "builds")  # join caches kept for SHIPLINE_OUTBOUND_KEEP_DAYS (outbound.retention)
 UPDATABLE = {"url", "events", "description", "enabled", "secret_encrypted", "previous_secret_expires_at"}
 
 
@@ -230,6 +231,29 @@ class Store:
             p = cur.execute(self.q("SELECT repository, author FROM {s}.pushes WHERE delivery_id = %s"),
                             (b["delivery_id"],)).fetchone()
         return {"build": b, "app": a, "push": p}
+
+    def prune(self, days: float, batch: int = 10_000) -> dict[str, int]:
+        """Delete the pushes and builds seen more than ``days`` ago; returns how many, per table.
+
+        Each batch is its own short transaction, so a large backlog never holds many row locks or
+        runs long next to the ingest's inserts. A build finishing after its rows are gone still
+        gets a payload: ``payloads.build_finish`` leaves what it cannot join null.
+        """
+        removed: dict[str, int] = {}
+        for table in PRUNED_TABLES:
+            removed[table] = 0
+            while True:
+                with self.pool.connection() as conn:
+                    cur = conn.execute(
+                        self.q(f"DELETE FROM {{s}}.{table} WHERE ctid = ANY(ARRAY("
+                               f" SELECT ctid FROM {{s}}.{table}"
+                               "  WHERE seen_at < now() - make_interval(secs => %s) LIMIT %s))"),
+                        (days * 86400, batch),
+                    )
+                    removed[table] += cur.rowcount
+                if cur.rowcount < batch:
+                    break
+        return removed
 
     def insert_deliveries(self, conn: Connection[Any], rows: Sequence[NewDelivery], now: datetime) -> None:
         if not rows:

@@ -272,3 +272,76 @@ def test_build_finish_joins_the_queued_build_the_app_and_the_github_push() -> No
     bare = payloads.build_finish(env, {})
     assert bare["repository"] == {"clone_url": None, "id": None, "name": None, "owner": {"id": None, "login": None}}
     assert bare["build"]["dockerfile_dir"] == "/" and bare["commit"]["message"] is None
+    # the push was pruned (SHIPLINE_OUTBOUND_KEEP_DAYS) but the build row and the app are still there
+    no_push = payloads.build_finish(env, {
+        "build": {"message": "Revert test commit", "author": "grosskur", "repo_url": "https://github.com/grosskur/docker-hello",
+                  "queued_at": "2014-12-18T10:44:22.5Z"},
+        "app": {"name": "hello", "namespace": "ns"},
+        "push": None,
+    })
+    assert no_push["commit"] == {"author": {"login": "grosskur", "name": "grosskur"}, "message": "Revert test commit",
+                                 "sha": "88d543e"}
+    assert no_push["repository"] == {"clone_url": "https://github.com/grosskur/docker-hello.git", "id": None,
+                                     "name": "docker-hello", "owner": {"id": None, "login": "grosskur"}}
+    # both pruned: what Store.build_context returns then
+    gone = payloads.build_finish(env, {"build": None, "app": None, "push": None})
+    assert gone == bare and gone["build"]["created_at"] == "2014-12-18T10:47:42+00:00"
+
+
+# ------------------------------------------------------------------------------------ retention
+
+
+class PruneStore:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[float] = []
+        self.fail = fail
+        self.pruned = threading.Event()
+
+    def prune(self, days: float, batch: int = 10_000) -> dict[str, int]:
+        self.calls.append(days)
+        if len(self.calls) >= 3:
+            self.pruned.set()
+        if self.fail:
+            raise OSError("server closed the connection")
+        return {"pushes": 2, "builds": 0}
+
+
+def test_the_pruner_runs_soon_after_start_then_periodically_survives_errors_and_stops(caplog) -> None:
+    from outbound.options import from_settings
+    from outbound.retention import Pruner
+    from shipline.config import load
+
+    opts = from_settings(load({"SHIPLINE_OUTBOUND_KEEP_DAYS": "7"}))
+    assert (opts.keep_days, opts.prune_every, opts.prune_first) == (7.0, 3600.0, 60.0)
+
+    stop = threading.Event()
+    store = PruneStore()
+    pruner = Pruner(store, days=opts.keep_days, stop=stop, every=0.01, first=0.0)
+    caplog.set_level("INFO", logger="outbound.retention")
+    thread = threading.Thread(target=pruner.run, daemon=True)
+    thread.start()
+    assert store.pruned.wait(5)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and set(store.calls) == {7.0}
+    assert "forgot 2 pushes seen more than 7 days ago" in caplog.text
+
+    failing = PruneStore(fail=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=Pruner(failing, days=1, stop=stop, every=0.01, first=0.0).run, daemon=True)
+    thread.start()
+    assert failing.pruned.wait(5)  # a failure does not end the thread: the next period tries again
+    assert thread.is_alive()
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "could not forget old pushes and builds: OSError" in caplog.text
+
+    stop = threading.Event()
+    idle = PruneStore()
+    slow = Pruner(idle, days=30, stop=stop, every=0.01, first=3600.0)
+    thread = threading.Thread(target=slow.run, daemon=True)
+    thread.start()
+    stop.set()  # not due yet: stopping does not prune on the way out
+    thread.join(5)
+    assert not thread.is_alive() and idle.calls == []
