@@ -18,10 +18,14 @@ Readers keep answering throughout: until the swap they read the old tables, afte
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -30,7 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from projections.batch import apply_batch, decode_all, swap_lock_key
 from projections.projector import migrate_schema
-from projections.schema import TABLES, checksum
+from projections.schema import TABLES, combine, table_checksum
 from shipline.config import Settings
 from shipline.db import connect_kwargs, validate_schema
 
@@ -132,11 +136,7 @@ def rebuild(
             target.execute("SET synchronous_commit = off")
             deferred = _defer_indexes(target, fresh)
             counts = _replay(settings, target, fresh, topic, stream, batch_size, stall_timeout)
-            for statement in deferred:
-                target.execute(statement)  # type: ignore[arg-type]  # definitions read from pg_indexes
-            for table in TABLES:
-                target.execute(f"ANALYZE {table}")
-            sums = checksum(target, fresh)
+        sums = _finish(settings, fresh, deferred)
         schema = fresh
         if swap:
             _swap(admin, live, fresh, old, keep_old=keep_old)
@@ -146,6 +146,32 @@ def rebuild(
         events=counts["events"], applied=counts["applied"], duplicates=counts["duplicates"],
         rejected=counts["rejected"], seconds=time.monotonic() - started, checksum=sums, swapped=swap, schema=schema,
     )
+
+
+def _finish(settings: Settings, fresh: str, deferred: list[str]) -> dict[str, str]:
+    """Build the deferred indexes, ANALYZE and checksum every table; return the checksums.
+
+    Each step is a statement of its own on a connection of its own, two or more at a time
+    (PostgreSQL runs each on one CPU; the tables are complete and nothing else writes them).
+    Biggest first: ``audit`` holds a row per event.
+    """
+    def run(statement: str) -> None:
+        with psycopg.connect(settings.db_url, autocommit=True, **connect_kwargs(fresh)) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]  # index definitions read from pg_indexes
+
+    def sum_table(table: str) -> tuple[str, str]:
+        with psycopg.connect(settings.db_url, autocommit=True) as conn:
+            return table, table_checksum(conn, fresh, table)
+
+    tables = sorted(TABLES, key=lambda t: t != "audit")
+    threads = max(2, settings.rebuild_workers or _cpus())
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rebuild-finish") as pool:
+        sums = [pool.submit(sum_table, t) for t in tables]
+        steps = [pool.submit(run, d) for d in sorted(deferred, key=lambda d: " audit " not in d)]
+        steps += [pool.submit(run, f"ANALYZE {t}") for t in tables]
+        for step in steps:
+            step.result()
+        return combine(dict(f.result() for f in sums))
 
 
 def _defer_indexes(conn: psycopg.Connection[Any], schema: str) -> list[str]:
@@ -165,6 +191,13 @@ def _defer_indexes(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     return [definition for _, definition in rows]
 
 
+Marks = dict[int, tuple[int, int]]  # partition -> (low, high) watermarks captured at the start
+Report = Callable[[dict[str, int], dict[int, int]], None]  # (counts so far, next offset per partition)
+
+# below this many events an automatic worker count stays at one: starting a process costs ~1s
+PARALLEL_FROM = 50_000
+
+
 def _replay(
     settings: Settings,
     target: psycopg.Connection[Any],
@@ -174,7 +207,48 @@ def _replay(
     batch_size: int,
     stall_timeout: float,
 ) -> dict[str, int]:
-    consumer = Consumer(
+    """Replay every partition up to its watermark into ``fresh``, in one or several processes.
+
+    Partitions are independent here: a record's key is its app id, every fold touches only its
+    app's rows, and each partition has its own ``offsets`` row, so processes that share the
+    partitions out never write the same row. Python (decoding, folding) is what limits one
+    process, so a second process on a second CPU does ~1.5x the work while PostgreSQL keeps up.
+    """
+    marks = _watermarks(settings, topic)
+    total = sum(high - low for low, high in marks.values())
+    todo = sorted(p for p, (low, high) in marks.items() if high > low)
+    workers = _worker_count(settings, len(todo), total)
+    bar = ProgressBar(total, progress)
+    counts = {"events": 0, "applied": 0, "duplicates": 0, "rejected": 0}
+
+    def report(sofar: dict[str, int], done: dict[int, int]) -> None:
+        bar.update(sum(done.get(p, marks[p][0]) - marks[p][0] for p in marks))
+
+    if workers <= 1:
+        got = _replay_partitions(settings, target, fresh, topic, {p: marks[p] for p in todo}, batch_size,
+                                 stall_timeout, report)
+        for key in ("applied", "duplicates", "rejected"):
+            counts[key] = got[key]
+    else:
+        shares = [{p: marks[p] for p in todo[i::workers]} for i in range(workers)]
+        got_all = _run_workers(settings, fresh, topic, shares, batch_size, stall_timeout, report)
+        for key in ("applied", "duplicates", "rejected"):
+            counts[key] = sum(g[key] for g in got_all)
+    counts["events"] = total
+    bar.update(total, final=True)
+    # every partition ends exactly at its snapshot watermark (past trailing control records too)
+    with target.transaction(), target.cursor() as cur:
+        cur.executemany(
+            'INSERT INTO offsets (topic, partition, "offset") VALUES (%s, %s, %s)'
+            ' ON CONFLICT (topic, partition) DO UPDATE'
+            ' SET "offset" = GREATEST(offsets."offset", excluded."offset")',
+            [(topic, p, high) for p, (low, high) in marks.items() if high > low],
+        )
+    return counts
+
+
+def _consumer(settings: Settings) -> Consumer:
+    return Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"{settings.topic_prefix}-rebuild",  # never joined nor committed: assign() only
@@ -186,16 +260,52 @@ def _replay(
             "log_level": 3,
         }
     )
-    counts = {"events": 0, "applied": 0, "duplicates": 0, "rejected": 0}
+
+
+def _watermarks(settings: Settings, topic: str) -> Marks:
+    consumer = _consumer(settings)
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             raise RebuildError(f"cannot read topic {topic}: {meta.error if meta else 'missing'}")
-        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in meta.partitions}
-        total = sum(high - low for low, high in marks.values())
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in meta.partitions}
+    finally:
+        consumer.close()
+
+
+def _worker_count(settings: Settings, partitions: int, total: int) -> int:
+    """``SHIPLINE_REBUILD_WORKERS`` when set; else one per CPU for a log worth the start-up."""
+    if settings.rebuild_workers > 0:
+        wanted = settings.rebuild_workers
+    elif total < PARALLEL_FROM:
+        wanted = 1
+    else:
+        wanted = _cpus()
+    return max(1, min(wanted, partitions))
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _replay_partitions(
+    settings: Settings,
+    target: psycopg.Connection[Any],
+    fresh: str,
+    topic: str,
+    marks: Marks,
+    batch_size: int,
+    stall_timeout: float,
+    report: Report,
+) -> dict[str, int]:
+    """Replay ``marks``' partitions (each from its low to its high watermark) into ``fresh``."""
+    counts = {"applied": 0, "duplicates": 0, "rejected": 0}
+    if not marks:
+        return counts
+    consumer = _consumer(settings)
+    try:
         done_at = {p: low for p, (low, _) in marks.items()}  # next offset per partition, for progress
-        remaining = {p for p, (low, high) in marks.items() if high > low}
-        bar = ProgressBar(total, progress)
+        remaining = set(marks)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(remaining)])
 
         def skip(rec: Any, reason: str) -> None:  # the live projector dead-lettered it already
@@ -263,24 +373,84 @@ def _replay(
                 result = apply_batch(target, fresh, records, reject=skip, decoded=decoded)
                 counts["applied"] += result.applied
                 counts["duplicates"] += result.duplicates
-                counts["events"] = sum(done[p] - marks[p][0] for p in marks)
-                bar.update(counts["events"])
+                report(counts, done)
         finally:
             stop.set()
             reader.join(5)  # before the consumer is closed: it is not safe to close under a consume
-        counts["events"] = total
-        bar.update(total, final=True)
-        # every partition ends exactly at its snapshot watermark (past trailing control records too)
-        with target.transaction(), target.cursor() as cur:
-            cur.executemany(
-                'INSERT INTO offsets (topic, partition, "offset") VALUES (%s, %s, %s)'
-                ' ON CONFLICT (topic, partition) DO UPDATE'
-                ' SET "offset" = GREATEST(offsets."offset", excluded."offset")',
-                [(topic, p, high) for p, (low, high) in marks.items() if high > low],
-            )
         return counts
     finally:
         consumer.close()
+
+
+def _run_workers(
+    settings: Settings,
+    fresh: str,
+    topic: str,
+    shares: list[Marks],
+    batch_size: int,
+    stall_timeout: float,
+    report: Report,
+) -> list[dict[str, int]]:
+    """Run ``_worker`` once per share in its own process; relay progress; fail if any fails.
+
+    Processes are spawned, not forked: the parent holds open PostgreSQL and Kafka clients that a
+    forked child must never touch.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    messages: Any = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(settings, fresh, topic, share, batch_size, stall_timeout, i, messages),
+                    name=f"rebuild-worker-{i}", daemon=True)
+        for i, share in enumerate(shares)
+    ]
+    for proc in procs:
+        proc.start()
+    done: dict[int, int] = {}
+    results: dict[int, dict[str, int]] = {}
+    try:
+        while len(results) < len(procs):
+            try:
+                kind, worker, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for i, p in enumerate(procs) if i not in results and not p.is_alive()]
+                if dead:  # gone without a word: killed, or crashed below Python
+                    raise RebuildError(f"{dead[0].name} exited with code {dead[0].exitcode}") from None
+                continue
+            if kind == "progress":
+                done.update(payload[1])
+                report(payload[0], done)
+            elif kind == "done":
+                results[worker] = payload
+            else:
+                raise RebuildError(f"rebuild-worker-{worker} failed: {payload}")
+    finally:
+        for proc in procs:
+            if proc.is_alive() and len(results) < len(procs):
+                proc.terminate()
+        for proc in procs:
+            proc.join(10)
+        messages.close()
+    return [results[i] for i in range(len(procs))]
+
+
+def _worker(
+    settings: Settings, fresh: str, topic: str, marks: Marks, batch_size: int, stall_timeout: float, worker: int,
+    messages: Any,
+) -> None:
+    """A worker process: replay ``marks``' partitions on its own connection and consumer."""
+    try:
+        with psycopg.connect(settings.db_url, autocommit=True, **connect_kwargs(fresh)) as target:
+            target.execute("SET synchronous_commit = off")
+            got = _replay_partitions(
+                settings, target, fresh, topic, marks, batch_size, stall_timeout,
+                lambda counts, done: messages.put(("progress", worker, (dict(counts), dict(done)))),
+            )
+        messages.put(("done", worker, got))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the rebuild
+        messages.put(("error", worker, f"{type(exc).__name__}: {exc}"))
+    finally:
+        messages.close()
+        messages.join_thread()  # everything put is flushed to the pipe before the process ends
 
 
 def swap_in(settings: Settings, *, keep_old: bool = False) -> None:

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import io
 import threading
+from dataclasses import replace
 
 import psycopg
 import pytest
 import requests
 
-from projections.rebuild import rebuild, swap_in
+from projections.projector import migrate_schema
+from projections.rebuild import (
+    RebuildError,
+    _run_workers,
+    _watermarks,
+    _worker_count,
+    names,
+    rebuild,
+    swap_in,
+)
 from projections.schema import checksum
 from tests.integration.test_projections_kit import Story, produce, projector, rows, serve, wait_caught_up
 
@@ -101,3 +111,36 @@ def test_events_after_the_snapshot_are_folded_into_the_swapped_in_tables(setting
         wait_caught_up(settings)
         assert rows(settings, "SELECT count(*) AS n FROM {s}.releases WHERE revision = 5") == [{"n": 5}]
         assert live_checksum(settings) == everything
+
+
+def test_a_rebuild_shared_out_over_worker_processes_equals_the_live_tables(settings) -> None:
+    s = story(apps=12, cycles=6)
+    produce(settings, s.envs)
+    with projector(settings):
+        wait_caught_up(settings)
+        live = live_checksum(settings)
+    used = rows(settings, 'SELECT count(*) AS n FROM {s}.offsets WHERE "offset" > 0')[0]["n"]
+    assert used >= 2  # the apps' records sit in several partitions: there is something to share out
+
+    parallel = replace(settings, rebuild_workers=2)
+    assert _worker_count(parallel, used, len(s.envs)) == 2
+    assert _worker_count(settings, used, len(s.envs)) == 1  # automatic: a small log is not worth a process
+    progress = io.StringIO()
+    result = rebuild(parallel, progress=progress)
+
+    assert result.checksum == live
+    assert result.events == result.applied == len(s.envs) and result.rejected == 0
+    assert f"{len(s.envs):,}/{len(s.envs):,} events" in progress.getvalue()
+    assert live_checksum(settings) == live
+
+
+def test_a_worker_that_fails_fails_the_rebuild_with_its_reason(settings) -> None:
+    s = story(apps=2, cycles=1)
+    produce(settings, s.envs)
+    fresh, _ = names(settings.schema("projections"))
+    migrate_schema(settings, fresh)
+    marks = _watermarks(settings, settings.topics.events)
+    # a watermark the log never reaches: the worker reads everything, then waits for more in vain
+    share = {p: (low, high + 10) for p, (low, high) in marks.items() if high > low}
+    with pytest.raises(RebuildError, match=r"rebuild-worker-0 failed: RebuildError: no records for 1s"):
+        _run_workers(settings, fresh, settings.topics.events, [share], 1000, 1.0, lambda counts, done: None)
