@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any, TextIO
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from projections.batch import apply_batch, decode_all, swap_lock_key
+from projections.batch import apply_batch, decode_all, schema_generation, swap_lock_key
 from projections.projector import migrate_schema
 from projections.schema import TABLES, combine, table_checksum
 from shipline.config import Settings
@@ -302,6 +303,8 @@ def _replay_partitions(
     counts = {"applied": 0, "duplicates": 0, "rejected": 0}
     if not marks:
         return counts
+    # a worker orphaned by a killed rebuild must not write into the fresh schema of the next one
+    generation = schema_generation(target, fresh)
     consumer = _consumer(settings)
     try:
         done_at = {p: low for p, (low, _) in marks.items()}  # next offset per partition, for progress
@@ -370,7 +373,7 @@ def _replay_partitions(
                 if isinstance(item, BaseException):
                     raise item
                 records, decoded, done = item
-                result = apply_batch(target, fresh, records, reject=skip, decoded=decoded)
+                result = apply_batch(target, fresh, records, reject=skip, decoded=decoded, generation=generation)
                 counts["applied"] += result.applied
                 counts["duplicates"] += result.duplicates
                 report(counts, done)
@@ -399,8 +402,8 @@ def _run_workers(
     ctx = multiprocessing.get_context("spawn")
     messages: Any = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(settings, fresh, topic, share, batch_size, stall_timeout, i, messages),
-                    name=f"rebuild-worker-{i}", daemon=True)
+        ctx.Process(target=_worker, name=f"rebuild-worker-{i}", daemon=True,
+                    args=(settings, fresh, topic, share, batch_size, stall_timeout, i, messages, os.getpid()))
         for i, share in enumerate(shares)
     ]
     for proc in procs:
@@ -433,11 +436,22 @@ def _run_workers(
     return [results[i] for i in range(len(procs))]
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a rebuild killed with -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above: nothing to work for
+        os._exit(1)
+
+
 def _worker(
     settings: Settings, fresh: str, topic: str, marks: Marks, batch_size: int, stall_timeout: float, worker: int,
-    messages: Any,
+    messages: Any, parent: int,
 ) -> None:
     """A worker process: replay ``marks``' partitions on its own connection and consumer."""
+    _die_with_parent(parent)
     try:
         with psycopg.connect(settings.db_url, autocommit=True, **connect_kwargs(fresh)) as target:
             target.execute("SET synchronous_commit = off")

@@ -4,9 +4,15 @@ projector keeps running; the rebuilt tables equal the live ones by checksum."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 import requests
@@ -25,6 +31,8 @@ from projections.schema import checksum
 from tests.integration.test_projections_kit import Story, produce, projector, rows, serve, wait_caught_up
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def story(apps: int = 20, cycles: int = 15) -> Story:
@@ -144,3 +152,47 @@ def test_a_worker_that_fails_fails_the_rebuild_with_its_reason(settings) -> None
     share = {p: (low, high + 10) for p, (low, high) in marks.items() if high > low}
     with pytest.raises(RebuildError, match=r"rebuild-worker-0 failed: RebuildError: no records for 1s"):
         _run_workers(settings, fresh, settings.topics.events, [share], 1000, 1.0, lambda counts, done: None)
+
+
+# a rebuild's parent process whose two workers wait for records past the end of the log (60 s)
+STALLED_PARENT = """
+import os
+from shipline.config import load
+from projections.rebuild import _run_workers, _watermarks, names
+settings = load(os.environ)
+fresh, _ = names(settings.schema("projections"))
+marks = _watermarks(settings, settings.topics.events)
+todo = sorted(p for p, (low, high) in marks.items() if high > low)
+shares = [{p: (marks[p][0], marks[p][1] + 10) for p in todo[i::2]} for i in range(2)]
+_run_workers(settings, fresh, settings.topics.events, shares, 1000, 60.0, lambda counts, done: None)
+"""
+
+
+def test_killing_a_parallel_rebuild_takes_its_workers_down_and_the_next_rebuild_is_whole(settings, tmp_path) -> None:
+    s = story(apps=12, cycles=6)
+    produce(settings, s.envs)
+    with projector(settings):
+        wait_caught_up(settings)
+        live = live_checksum(settings)
+    fresh, _ = names(settings.schema("projections"))
+    migrate_schema(settings, fresh)
+    env = {**os.environ, **settings.env, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "rebuild.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", STALLED_PARENT], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while len(workers := [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]) < 2:
+        assert proc.poll() is None, (tmp_path / "rebuild.log").read_text()
+        assert time.monotonic() < deadline, "the rebuild started no workers"
+        time.sleep(0.05)
+    time.sleep(3)  # past their start-up: replaying, then waiting for records that never come
+    assert all(w.is_running() for w in workers)
+    proc.kill()
+    proc.wait(10)
+
+    _, alive = psutil.wait_procs(workers, timeout=10)  # not the 60 s they would otherwise wait
+    assert alive == []  # no orphan keeps writing into the fresh schema
+    result = rebuild(settings, progress=None)
+    assert result.checksum == live
+    assert live_checksum(settings) == live
