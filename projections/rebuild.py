@@ -3,10 +3,11 @@
 ``rebuild(settings)``:
 
 1. creates ``<live>_next`` with the same migrations and replays the events topic into it with
-   its own consumer (all partitions assigned, no group offsets), up to the high watermarks
+   its own consumers (partitions assigned, no group offsets), up to the high watermarks
    captured at the start, through the very same ``apply_batch`` the live projector uses
-   (records the live projector dead-lettered fail the same way here and are skipped);
-2. computes the checksum of the new tables;
+   (records the live projector dead-lettered fail the same way here and are skipped). A big
+   log is shared out by partition over one worker process per CPU (``SHIPLINE_REBUILD_WORKERS``);
+2. builds the indexes it deferred, and computes the checksum of the new tables;
 3. swaps: in ONE transaction holding the swap lock exclusively (the live projector takes it
    shared around every batch, so it pauses between batches), renames live -> ``<live>_old`` and
    ``<live>_next`` -> live, then drops the old schema. The projector notices the new schema,
