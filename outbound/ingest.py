@@ -93,23 +93,38 @@ def _app(b: Batch, env: Envelope) -> None:
             b.store.upsert_app(b.conn, d.app_id, known)
 
 
-def _accepted(b: Batch, env: Envelope) -> None:
+def pushed(env: Envelope) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """(delivery id, repository, author) a ``build_finish`` joins from a delivery.accepted, if it is a
+    queued GitHub push whose body is readable; None otherwise. Shared by the live path (``pushes``)
+    and the replay (``replay.LogJoins``)."""
     d = env.data
     assert isinstance(d, m.DeliveryAccepted)
     if d.source != "github" or d.event != "push" or d.outcome != "queued":
-        return
+        return None
     found = payloads.github_push(d.body, d.body_encoding, d.headers)
+    return (d.delivery_id, *found) if found else None
+
+
+def queued_build(env: Envelope) -> dict[str, Any]:
+    """The ``builds`` row (the fields a ``build_finish`` joins) of a build.queued."""
+    d = env.data
+    assert isinstance(d, m.BuildQueued)
+    return {
+        "commit": d.commit, "message": d.message, "author": d.author, "ref": d.ref, "repo_url": d.repo_url,
+        "delivery_id": d.delivery_id, "queued_at": env.time,
+    }
+
+
+def _accepted(b: Batch, env: Envelope) -> None:
+    found = pushed(env)
     if found:
-        b.store.save_push(b.conn, d.delivery_id, d.app_id, *found)
+        b.store.save_push(b.conn, found[0], env.app_id, found[1], found[2])
 
 
 def _queued(b: Batch, env: Envelope) -> None:
     d = env.data
     assert isinstance(d, m.BuildQueued)
-    b.store.save_build(b.conn, d.app_id, d.build, {
-        "commit": d.commit, "message": d.message, "author": d.author, "ref": d.ref, "repo_url": d.repo_url,
-        "delivery_id": d.delivery_id, "queued_at": env.time,
-    })
+    b.store.save_build(b.conn, d.app_id, d.build, queued_build(env))
 
 
 SUBSCRIPTION_HANDLERS: dict[str, Callable[[Batch, Envelope], None]] = {
@@ -126,9 +141,15 @@ CACHE_HANDLERS: dict[str, Callable[[Batch, Envelope], None]] = {
 }
 
 
-def payload_for(conn: Connection[Any], store: Store, env: Envelope) -> bytes:
+def payload_for(conn: Connection[Any], store: Store, env: Envelope, build: dict[str, Any] | None = None,
+                push: dict[str, Any] | None = None) -> bytes:
+    """The request body for ``env``. A build.finished joins its build.queued row and push: ``build``
+    and ``push`` (``queued_build`` and ``{"repository", "author"}`` of ``pushed``) when the caller
+    has them (a replay reading the log), the store's rows for what it does not pass."""
     if env.type == "build.finished":
-        return payloads.dumps(payloads.build_finish(env, store.build_context(conn, env.app_id, env.data.build)))  # type: ignore[attr-defined]
+        d = env.data
+        assert isinstance(d, m.BuildFinished)
+        return payloads.dumps(payloads.build_finish(env, store.build_context(conn, env.app_id, d.build, build, push)))
     return payloads.cloudevent(env)
 
 

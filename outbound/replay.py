@@ -5,12 +5,23 @@ time, up to its end when the replay began, keeps the subscription's app's events
 filter and are at or after the asked time or per-app sequence, and queues them for that
 subscription alone with their original event ids. Other subscriptions are not touched. Events the
 subscription already has pending stay as they are; ones it already got or gave up go again.
+
+Payloads are computed again, with the live path's functions (``ingest.payload_for``). A
+``build_finish`` joins the build.queued and the GitHub push it came from; the dispatcher's
+``pushes`` and ``builds`` rows are pruned after ``SHIPLINE_OUTBOUND_KEEP_DAYS``, but both events
+precede the build.finished in the app's partition, so the replay keeps them from the log it reads
+(``LogJoins``: this app only, a build's entries dropped once its build.finished went by, at most
+``MAX_PENDING`` of each) and joins those, reading the store only for what it did not see. A
+replay from a time starts reading ``TIME_MARGIN`` before it: a build.finished near the start may
+have its push and build.queued before that, and then only the store has them, that is while they
+are younger than the keep period; older ones get the nulls a live build_finish would.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -20,12 +31,60 @@ from outbound import events, ingest
 from outbound.sender import Sender
 from outbound.store import NewDelivery, Store, parse_time
 from shipline import codec
+from shipline import messages as m
 from shipline.codec import InvalidRecord
 from shipline.config import Settings
+from shipline.envelope import Envelope
 
 log = logging.getLogger(__name__)
 TIME_MARGIN = 300.0  # seconds: Kafka's record timestamps and event times are taken apart in time
 CHUNK = 500
+MAX_PENDING = 1000  # pushes, and queued builds, a replay keeps waiting for their build.finished
+
+Joined = tuple[dict[str, Any] | None, dict[str, Any] | None]  # (builds row, pushes row) from the log
+
+
+class LogJoins:
+    """What replayed ``build_finish`` payloads join, taken from the events the replay reads.
+
+    Fed every event of the one app being replayed, in log order, before the subscription's filter
+    and asked time or sequence are applied: a push and build.queued that are not replayed
+    themselves are still joined into a build.finished that is. Entries have the shapes of the
+    store's rows and are built by the live path's functions (``ingest.pushed``,
+    ``ingest.queued_build``); a build's entries are dropped when its build.finished is seen. Builds
+    that never finish and pushes that never got a build would stay, so each map holds at most
+    ``limit`` entries and forgets its oldest beyond that (``dropped`` counts them); a
+    build.finished whose entries are gone joins the store's rows.
+    """
+
+    def __init__(self, limit: int = MAX_PENDING) -> None:
+        self.limit = limit
+        self.pushes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.builds: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.dropped = 0
+
+    def see(self, env: Envelope) -> Joined:
+        """Keep a push or build.queued; for a build.finished, hand over (and forget) what it joins."""
+        d = env.data
+        if isinstance(d, m.DeliveryAccepted):
+            found = ingest.pushed(env)
+            if found:
+                self._keep(self.pushes, found[0], {"repository": found[1], "author": found[2]})
+        elif isinstance(d, m.BuildQueued):
+            self._keep(self.builds, d.build, ingest.queued_build(env))
+        elif isinstance(d, m.BuildFinished):
+            build = self.builds.pop(d.build, None)
+            push = self.pushes.pop(build["delivery_id"], None) if build is not None else None
+            return build, push
+        return None, None
+
+    def _keep(self, kept: OrderedDict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
+        if key in kept:  # the first one wins, as the store's ON CONFLICT DO NOTHING
+            return
+        kept[key] = row
+        if len(kept) > self.limit:
+            kept.popitem(last=False)
+            self.dropped += 1
 
 
 class Replayer:
@@ -92,7 +151,8 @@ class Replayer:
                 return 0, 0
             consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
             rows: list[NewDelivery] = []
-            envs = []
+            envs: list[tuple[Envelope, Joined]] = []
+            joins = LogJoins()
             while todo and not self.stop.is_set():
                 for msg in consumer.consume(num_messages=500, timeout=0.5):
                     if msg.error():
@@ -109,7 +169,10 @@ class Replayer:
                         env = codec.decode(msg.value())
                     except InvalidRecord:
                         continue
-                    if env.app_id != app_id or not events.matches(job["events"], env.type):
+                    if env.app_id != app_id:
+                        continue
+                    joined = joins.see(env)
+                    if not events.matches(job["events"], env.type):
                         continue
                     if env.type not in events.deliverable_types():
                         continue
@@ -117,24 +180,28 @@ class Replayer:
                         continue
                     if since_time is not None and parse_time(env.time) < since_time:
                         continue
-                    envs.append(env)
+                    envs.append((env, joined))
                 if len(envs) >= CHUNK:
                     queued += self._queue(sid, envs, rows)
             queued += self._queue(sid, envs, rows)
+            if joins.dropped:
+                log.info("replay %s: forgot %d pushes or queued builds read from the log (over %d waiting for"
+                         " their build.finished); those builds joined the stored rows", job["id"], joins.dropped,
+                         joins.limit)
         finally:
             consumer.close()
         self.sender.poke([(sid, app_id)])
         return scanned, queued
 
-    def _queue(self, sid: str, envs: list[Any], rows: list[NewDelivery]) -> int:
+    def _queue(self, sid: str, envs: list[tuple[Envelope, Joined]], rows: list[NewDelivery]) -> int:
         if not envs:
             return 0
         with self.store.pool.connection() as conn, conn.transaction():
-            for env in envs:
-                rows.append(ingest.new_delivery(sid, env, ingest.payload_for(conn, self.store, env)))
+            for env, (build, push) in envs:
+                rows.append(ingest.new_delivery(sid, env, ingest.payload_for(conn, self.store, env, build, push)))
             self.store.queue_replayed(conn, rows)
         n = len(rows)
-        self.sender.poke([(sid, envs[0].app_id)])
+        self.sender.poke([(sid, envs[0][0].app_id)])
         envs.clear()
         rows.clear()
         return n

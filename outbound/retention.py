@@ -3,9 +3,10 @@
 ``build_finish`` payloads join the build.queued row and the GitHub push it came from, both seen
 minutes before the build finishes. The dispatcher keeps them for ``SHIPLINE_OUTBOUND_KEEP_DAYS``
 (30); older ones are deleted by ``Store.prune`` on a thread of the sending dispatcher, shortly
-after it starts and then once an hour. A build finishing (or replayed) after its rows are gone
-still gets a payload, with what it could not join left null. ``apps`` (a row per app) and the
-delivery log are not pruned here.
+after it starts and then once an hour. A build finishing after its rows are gone still gets a
+payload, with what it could not join left null; a replay joins the push and build.queued it reads
+from the log instead (``outbound.replay.LogJoins``). ``apps`` (a row per app) and the delivery log
+are not pruned here.
 """
 
 from __future__ import annotations

@@ -221,13 +221,21 @@ class Store:
              fields["repo_url"], fields["delivery_id"], fields["queued_at"]),
         )
 
-    def build_context(self, conn: Connection[Any], app_id: int, build: int) -> dict[str, Any]:
-        """What a build_finish payload joins: the build.queued row, the app, and the push."""
+    def build_context(self, conn: Connection[Any], app_id: int, build: int, known_build: dict[str, Any] | None = None,
+                      known_push: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a build_finish payload joins: the build.queued row, the app, and the push.
+
+        ``known_build`` / ``known_push`` (a replay took them from the log) stand in for the rows,
+        which may have been pruned; what is not passed is read here.
+        """
         cur = conn.cursor(row_factory=dict_row)
-        b = cur.execute(self.q("SELECT * FROM {s}.builds WHERE app_id = %s AND build = %s"), (app_id, build)).fetchone()
+        b = known_build
+        if b is None:
+            b = cur.execute(self.q("SELECT * FROM {s}.builds WHERE app_id = %s AND build = %s"),
+                            (app_id, build)).fetchone()
         a = cur.execute(self.q("SELECT * FROM {s}.apps WHERE app_id = %s"), (app_id,)).fetchone()
-        p = None
-        if b is not None:
+        p = known_push
+        if p is None and b is not None:
             p = cur.execute(self.q("SELECT repository, author FROM {s}.pushes WHERE delivery_id = %s"),
                             (b["delivery_id"],)).fetchone()
         return {"build": b, "app": a, "push": p}
@@ -237,7 +245,8 @@ class Store:
 
         Each batch is its own short transaction, so a large backlog never holds many row locks or
         runs long next to the ingest's inserts. A build finishing after its rows are gone still
-        gets a payload: ``payloads.build_finish`` leaves what it cannot join null.
+        gets a payload: ``payloads.build_finish`` leaves what it cannot join null (a replay joins
+        what it reads from the log instead).
         """
         removed: dict[str, int] = {}
         for table in PRUNED_TABLES:

@@ -140,3 +140,56 @@ def test_the_dispatcher_prunes_periodically_and_a_build_finishing_after_it_still
         assert rows("SELECT build FROM {s}.builds") == [2]  # a finish does not bring the pruned rows back
     finally:
         receiver.close()
+
+
+def test_a_replay_joins_the_push_and_build_queued_it_reads_in_the_log_once_their_rows_are_pruned(settings):
+    receiver = Receiver()
+    log = EventLog(settings)
+    schema = settings.schema("outbound")
+    try:
+        log.subscribe(6, receiver.url("/live"), ["build_finish"])
+        with Running(settings) as dispatcher:
+            log.emit(_push(6, "d-1"), _queued(6, 1, "d-1"), _finished(6, 1))
+            (live,) = wait_until(lambda: receiver.received("/live"), what="the live build_finish")
+            with psycopg.connect(settings.db_url) as conn:  # the dispatcher's hourly prune, 31 days on
+                conn.execute(f"UPDATE {schema}.pushes SET seen_at = now() - interval '31 days'")
+                conn.execute(f"UPDATE {schema}.builds SET seen_at = now() - interval '31 days'")
+            assert dispatcher.store.prune(30) == {"pushes": 1, "builds": 1}
+            with dispatcher.store.pool.connection() as conn:
+                assert dispatcher.store.build_context(conn, 6, 1) == {"build": None, "app": None, "push": None}
+
+            sid, _ = log.subscribe(6, receiver.url("/replay"), ["build_finish"])
+            wait_until(lambda: dispatcher.store.subscription(sid), what="the replay's subscriber")
+            dispatcher.store.request_replay("00000000-0000-4000-8000-000000000006", sid, None, 1)
+            dispatcher.replayer.wake()
+            (replayed,) = wait_until(lambda: receiver.received("/replay"), what="the replayed build_finish")
+            job = wait_until(lambda: (r := dispatcher.store.replay("00000000-0000-4000-8000-000000000006"))
+                             and r["status"] == "done" and r, what="the replay done")
+        assert job["queued"] == 1
+        original = live.json()
+        assert original["commit"] == {"author": {"login": "ada", "name": "Ada Lovelace"}, "message": "build 1",
+                                      "sha": "c" * 40}
+        assert original["repository"] == {"clone_url": "https://github.com/acme/shop.git", "id": 42, "name": "shop",
+                                          "owner": {"id": 7, "login": "acme"}}
+        again = replayed.json()
+        assert again["commit"] == original["commit"] and again["repository"] == original["repository"]
+        assert again == original and replayed.body == live.body
+        assert replayed.delivery != live.delivery  # another subscription: another delivery id, same event
+    finally:
+        receiver.close()
+
+
+def test_joins_a_caller_took_from_the_log_stand_in_for_rows_and_the_store_fills_in_the_rest(store):
+    with store.pool.connection() as conn:
+        store.save_push(conn, "d-1", 1, {"id": 42}, {"login": "ada"})
+        store.save_build(conn, 1, 1, {**BUILD, "delivery_id": "d-1"})
+        store.upsert_app(conn, 1, {"name": "shop"})
+        from_log = {**BUILD, "message": "from the log", "delivery_id": "d-1"}
+        # the build.queued read in the log, its push only in the store (the replay started between them)
+        ctx = store.build_context(conn, 1, 1, known_build=from_log)
+        assert ctx["build"] is from_log and ctx["push"] == {"repository": {"id": 42}, "author": {"login": "ada"}}
+        assert ctx["app"]["name"] == "shop"
+        push = {"repository": {"id": 43}, "author": {"login": "bob"}}
+        assert store.build_context(conn, 1, 1, known_build=from_log, known_push=push)["push"] is push
+        # nothing read in the log (the replay started after both): the store's rows, as live
+        assert store.build_context(conn, 1, 1)["build"]["message"] == "m"

@@ -10,6 +10,7 @@ import random
 import socket
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -17,12 +18,13 @@ import pytest
 import standardwebhooks
 from cryptography.fernet import Fernet
 
-from outbound import events, payloads, retry, signing, ssrf
+from outbound import events, ingest, payloads, retry, signing, ssrf
 from outbound.options import Options
+from outbound.replay import LogJoins
 from outbound.testing import Receiver
 from outbound.transport import Transport
 from shipline.envelope import wrap
-from shipline.messages import BuildFinished
+from shipline.messages import BuildFinished, BuildQueued, DeliveryAccepted
 
 pytestmark = pytest.mark.unit
 
@@ -345,3 +347,67 @@ def test_the_pruner_runs_soon_after_start_then_periodically_survives_errors_and_
     stop.set()  # not due yet: stopping does not prune on the way out
     thread.join(5)
     assert not thread.is_alive() and idle.calls == []
+
+
+# ------------------------------------------------------------------------------------ replay joins
+
+
+def _accepted(delivery_id: str, **over: object) -> DeliveryAccepted:
+    body = json.dumps({"repository": {"id": 42, "name": "shop", "owner": {"id": 7, "login": "acme"}},
+                       "head_commit": {"author": {"name": "Ada", "username": "ada"}}})
+    fields: dict[str, object] = dict(
+        app_id=5, delivery_id=delivery_id, source="github", route="/github", event="push", verification="signed",
+        received_at="2026-01-01T00:00:00Z", outcome="queued", reason="", headers={"Content-Type": "application/json"},
+        body=body, body_encoding="utf8")
+    fields.update(over)
+    return DeliveryAccepted(**fields)  # type: ignore[arg-type]
+
+
+def _build_queued(build: int, delivery_id: str) -> BuildQueued:
+    return BuildQueued(app_id=5, build=build, commit="c" * 40, message=f"build {build}", author="ada",
+                       ref="refs/heads/main", delivery_id=delivery_id, repo_url="https://github.com/acme/shop")
+
+
+def _build_finished(build: int) -> BuildFinished:
+    return BuildFinished(app_id=5, build=build, commit="c" * 40, status="succeeded", exit_code=0, image_id="img",
+                         tags=[], duration=1.0, log="", log_path="")
+
+
+def test_a_replay_joins_the_push_and_build_queued_it_read_and_forgets_them_when_the_build_finished() -> None:
+    joins = LogJoins()
+    push, queued = wrap(_accepted("d-1"), source="t"), wrap(_build_queued(1, "d-1"), source="t")
+    assert joins.see(push) == (None, None) and joins.see(queued) == (None, None)
+    assert joins.see(wrap(_build_finished(2), source="t")) == (None, None)  # not read: the store's rows
+    build, pushed = joins.see(wrap(_build_finished(1), source="t"))
+    # the rows the live path saves, from the same functions
+    assert build == ingest.queued_build(queued) and build["queued_at"] == queued.time
+    found = ingest.pushed(push)
+    assert found is not None and pushed == {"repository": found[1], "author": found[2]}
+    assert pushed["author"] == {"login": "ada", "name": "Ada"}
+    assert not joins.pushes and not joins.builds  # handled: forgotten
+    assert joins.see(wrap(_build_finished(1), source="t")) == (None, None)
+
+    # only what the live path keeps: queued GitHub pushes with a readable body; the first one wins
+    for other in (_accepted("x", outcome="ignored"), _accepted("y", source="shipyard"), _accepted("z", body="{")):
+        joins.see(wrap(other, source="t"))
+    assert not joins.pushes
+    joins.see(wrap(_build_queued(3, "d-3"), source="t"))
+    joins.see(wrap(replace(_build_queued(3, "d-3"), message="again"), source="t"))
+    assert joins.builds[3]["message"] == "build 3"
+
+
+def test_replay_joins_keep_at_most_limit_entries_and_forget_the_oldest() -> None:
+    joins = LogJoins(limit=3)
+    for n in range(1, 6):  # five pushes queue five builds, none finishes yet
+        joins.see(wrap(_accepted(f"d-{n}"), source="t"))
+        joins.see(wrap(_build_queued(n, f"d-{n}"), source="t"))
+    assert list(joins.builds) == [3, 4, 5] and list(joins.pushes) == ["d-3", "d-4", "d-5"]
+    assert joins.dropped == 4  # two builds and two pushes
+    assert joins.see(wrap(_build_finished(1), source="t")) == (None, None)  # forgotten: the store's rows
+    build, push = joins.see(wrap(_build_finished(4), source="t"))
+    assert build is not None and build["message"] == "build 4" and push is not None
+    assert list(joins.builds) == [3, 5] and list(joins.pushes) == ["d-3", "d-5"]
+    for n in range(6, 10_006):  # a huge log of builds that never finish stays within the limit
+        joins.see(wrap(_build_queued(n, f"d-{n}"), source="t"))
+        assert len(joins.builds) <= 3
+    assert list(joins.builds) == [10_003, 10_004, 10_005]
