@@ -1,8 +1,10 @@
 """How fold functions write: statements over a set of rows, run one row at a time or many at once.
 
-A fold writes through ``Rows`` statements: SQL written once over ``{rows}``, a typed ``unnest`` of
-parameter arrays aliased ``v``. The same text serves one event (arrays of one element) and a
-whole batch (arrays of many), so there is one statement to get right, not two.
+A fold writes through ``Rows`` statements: SQL written once over ``{rows}``, the typed records of
+one JSON array parameter (``jsonb_to_recordset``) aliased ``v``. The same text serves one event
+(an array of one row) and a whole batch (an array of many), so there is one statement to get
+right, not two. The rows go as one orjson-encoded parameter because encoding typed PostgreSQL
+arrays column by column in Python was a sixth of a rebuild's time.
 
 ``Immediate`` runs each statement as the fold calls it (the careful, record-by-record path).
 ``Layered`` records each app's statements in order and runs them in *layers*: the first
@@ -18,24 +20,34 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import orjson
 import psycopg
+from psycopg.types.json import Jsonb
 
 
 class Rows:
-    """A statement over ``{rows}``: ``unnest(%s::type[], ...) AS v(column, ...)``."""
+    """A statement over ``{rows}``: ``jsonb_to_recordset(%s::jsonb) AS v(column type, ...)``."""
 
     def __init__(self, sql: str, **columns: str) -> None:
         self.columns = tuple(columns)
-        unnest = ", ".join(f"%b::{kind}[]" for kind in columns.values())  # binary: no text escaping
-        self.text = sql.replace("{rows}", f"unnest({unnest}) AS v({', '.join(columns)})")
+        self._names = frozenset(columns)
+        spec = ", ".join(f"{name} {kind}" for name, kind in columns.items())
+        self.text = sql.replace("{rows}", f"jsonb_to_recordset(%s::jsonb) AS v({spec})")
 
-    def arrays(self, rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [[row[c] for row in rows] for c in self.columns]
+    def params(self, rows: list[dict[str, Any]]) -> tuple[str]:
+        return (orjson.dumps(rows, default=_unwrap).decode(),)
 
     def check(self, values: dict[str, Any]) -> None:
-        """Cheap on the hot path: a wrong name with the right count fails in ``arrays`` (KeyError)."""
-        if len(values) != len(self.columns):
+        """Every column named, no other: a missing key would silently be NULL."""
+        if values.keys() != self._names:
             raise TypeError(f"expected columns {self.columns}, got {tuple(values)}")
+
+
+def _unwrap(value: Any) -> Any:
+    """orjson's fallback: psycopg's ``Jsonb`` wrapper (the handlers' way to say "a JSON value")."""
+    if isinstance(value, Jsonb):
+        return value.obj
+    raise TypeError(f"cannot encode {type(value).__name__} as a row value")
 
 
 class Writer:
@@ -57,7 +69,7 @@ class Immediate(Writer):
 
     def rows(self, statement: Rows, **values: Any) -> None:
         statement.check(values)
-        self.cur.execute(statement.text, statement.arrays([values]))  # type: ignore[arg-type]
+        self.cur.execute(statement.text, statement.params([values]))  # type: ignore[arg-type]
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         self.cur.execute(sql, params)  # type: ignore[arg-type]
@@ -87,7 +99,7 @@ class Layered(Writer):
                     grouped.setdefault(statement, []).append(values)
             for statement, batch in grouped.items():
                 if isinstance(statement, Rows):
-                    cur.execute(statement.text, statement.arrays(batch))  # type: ignore[arg-type]
+                    cur.execute(statement.text, statement.params(batch))  # type: ignore[arg-type]
                     sent += 1
                 else:
                     for params in batch:

@@ -121,11 +121,13 @@ class RecordingCursor:
 
 
 def test_layered_writer_keeps_each_apps_order_and_batches_across_apps() -> None:
+    from psycopg.types.json import Jsonb
+
     from projections.writer import Immediate, Layered, Rows
 
     first = Rows("INSERT INTO t SELECT * FROM {rows}", app_id="int8", x="text")
     second = Rows("UPDATE t SET x = v.x FROM {rows} WHERE t.app_id = v.app_id", app_id="int8", x="text")
-    assert first.text == "INSERT INTO t SELECT * FROM unnest(%b::int8[], %b::text[]) AS v(app_id, x)"
+    assert first.text == "INSERT INTO t SELECT * FROM jsonb_to_recordset(%s::jsonb) AS v(app_id int8, x text)"
     w = Layered()
     for app, statement, x in [(1, first, "a"), (2, first, "b"), (1, second, "c"), (3, second, "d"),
                               (2, second, "e"), (1, second, "f")]:
@@ -136,16 +138,20 @@ def test_layered_writer_keeps_each_apps_order_and_batches_across_apps() -> None:
     cur = RecordingCursor()
     assert w.flush(cur) == 5  # type: ignore[arg-type]
     assert cur.calls == [
-        (first.text, [[1, 2], ["a", "b"]]),  # layer 1: first statement of apps 1 and 2 ...
-        (second.text, [[3], ["d"]]),  # ... and of app 3, which has its own statement
-        (second.text, [[1, 2], ["c", "e"]]),  # layer 2
-        (second.text, [[1], ["f"]]),  # layer 3: app 1's third, then app 2's plain statement
+        (first.text, ('[{"app_id":1,"x":"a"},{"app_id":2,"x":"b"}]',)),  # layer 1: first statement of apps 1, 2 ...
+        (second.text, ('[{"app_id":3,"x":"d"}]',)),  # ... and of app 3, which has its own statement
+        (second.text, ('[{"app_id":1,"x":"c"},{"app_id":2,"x":"e"}]',)),  # layer 2
+        (second.text, ('[{"app_id":1,"x":"f"}]',)),  # layer 3: app 1's third, then app 2's plain statement
         ("UPDATE t SET y = 1 WHERE app_id = %s", (2,)),
     ]
     assert w.flush(cur) == 0  # type: ignore[arg-type]
 
     one = RecordingCursor()
-    Immediate(one).rows(first, app_id=9, x="z")  # type: ignore[arg-type]
-    assert one.calls == [(first.text, [[9], ["z"]])]
+    Immediate(one).rows(first, app_id=9, x=Jsonb({"k": [1, None]}))  # type: ignore[arg-type]
+    assert one.calls == [(first.text, ('[{"app_id":9,"x":{"k":[1,null]}}]',))]
     with pytest.raises(TypeError):
         Immediate(one).rows(first, app_id=9)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # a misspelt column would otherwise be NULL
+        Immediate(one).rows(first, app_id=9, y="z")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # not JSON: an error, not a silent str()
+        Immediate(one).rows(first, app_id=9, x=object())  # type: ignore[arg-type]
