@@ -13,6 +13,7 @@ stored offsets, so the events the rebuild did not cover are folded into it too.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -249,5 +250,8 @@ class Projector:
 
 
 def main(settings: Settings, stop: threading.Event) -> int:
+    # the rebuild's workers fold through the same apply_batch: collecting cycles every 50,000
+    # allocations instead of 700 made them ~15% faster (see projections.rebuild._worker)
+    gc.set_threshold(50_000, 20, 20)
     Projector(settings).run(stop)
     return 0
