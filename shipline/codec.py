@@ -18,7 +18,7 @@ import orjson
 
 from shipline.envelope import SPECVERSION, Envelope, dataschema
 from shipline.messages import REGISTRY, Message
-from shipline.typed import TypeCheckError, build
+from shipline.typed import TypeCheckError, build, make
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 # The largest record a Shipline topic takes (its max.message.bytes, the producers' limit): a
@@ -114,16 +114,19 @@ def decode(raw: bytes | str | None, *, strict: bool = False) -> Envelope:
         raise InvalidRecord("envelope: 'subject' must be the app id of data.app_id")
     if strict:
         _strict(type_name, doc)
-    return Envelope(
-        id=_str(doc, "id"),
-        source=_str(doc, "source"),
-        type=type_name,
-        time=time,
-        subject=subject,
-        data=data,
-        correlationid=_str(doc, "correlationid"),
-        causationid=_str(doc, "causationid"),
-        sequence=sequence,
+    return make(
+        Envelope,
+        {
+            "id": _str(doc, "id"),
+            "source": _str(doc, "source"),
+            "type": type_name,
+            "time": time,
+            "subject": subject,
+            "data": data,
+            "correlationid": _str(doc, "correlationid"),
+            "causationid": _str(doc, "causationid"),
+            "sequence": sequence,
+        },
     )
 
 

@@ -35,8 +35,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "GITHUB_WEBHOOK_SECRET": ("", "global secret accepted on POST /api/webhook"),
     "SHIPLINE_MAX_BODY": ("26214400", "largest accepted request body in bytes (25 MB)"),
     "SHIPLINE_DEDUPE_DAYS": ("30", "days the ingress remembers accepted delivery ids to answer redeliveries"),
-    "SHIPLINE_OUTBOUND_KEEP_DAYS": ("30", "days the dispatcher keeps the pushes and builds it joins into build payloads"),
-    "SHIPLINE_REBUILD_WORKERS": ("", "processes a projections rebuild replays with (default: CPUs, at most the partitions)"),
+    "SHIPLINE_OUTBOUND_KEEP_DAYS": (
+        "30", "days the dispatcher keeps the pushes and builds it joins into build payloads"
+    ),
+    "SHIPLINE_REBUILD_WORKERS": (
+        "", "processes a projections rebuild replays with (default: CPUs, at most the partitions)"
+    ),
     "SHIPLINE_OUTBOUND_ALLOW": ("", "CIDRs outbound webhooks may reach although private/loopback"),
     "SHIPLINE_PROXY_PORT": ("8000", "first port of the reverse proxy's per-app frontends"),
     "SHIPLINE_APP_PORTS": ("20000-29999", "range the deployer allocates instance ports from"),

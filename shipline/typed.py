@@ -8,6 +8,7 @@ exactly what the generated JSON Schemas accept and reject.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -79,7 +80,12 @@ def _plan(tp: Any) -> Check:
         def array(v: Any, p: str) -> Any:
             if type(v) is not list:
                 raise TypeCheckError(f"{p}: expected array, got {type(v).__name__}")
-            return [item(x, f"{p}[{i}]") for i, x in enumerate(v)]
+            try:
+                return [item(x, p) for x in v]  # no path string per element on the hot path ...
+            except TypeCheckError:
+                for i, x in enumerate(v):  # ... it is made only to name the element that fails
+                    item(x, f"{p}[{i}]")
+                raise
         return array
     if origin is dict:
         _, val_tp = typing.get_args(tp) or (str, Any)
@@ -88,7 +94,12 @@ def _plan(tp: Any) -> Check:
         def obj(v: Any, p: str) -> Any:
             if type(v) is not dict:
                 raise TypeCheckError(f"{p}: expected object, got {type(v).__name__}")
-            return {k: val(x, f"{p}.{k}") for k, x in v.items()}
+            try:
+                return {k: val(x, p) for k, x in v.items()}  # as in ``array``: paths only on failure
+            except TypeCheckError:
+                for k, x in v.items():
+                    val(x, f"{p}.{k}")
+                raise
         return obj
     raise TypeError(f"unsupported annotation {tp!r}")
 
@@ -103,18 +114,65 @@ def fields_of(cls: type) -> tuple[tuple[str, Check, bool], ...]:
     return tuple(out)
 
 
+@cache
+def _known(cls: type) -> frozenset[str]:
+    return frozenset(name for name, _, _ in fields_of(cls))
+
+
+@cache
+def _paths(cls: type, path: str) -> tuple[tuple[str, Check, bool, str], ...]:
+    """``fields_of`` with each field's path (``data.name``) made once, not once per record."""
+    return tuple((name, check, required, f"{path}.{name}") for name, check, required in fields_of(cls))
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@cache
+def _defaults(cls: type) -> tuple[tuple[str, Callable[[], Any]], ...]:
+    out: list[tuple[str, Callable[[], Any]]] = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out.append((f.name, functools.partial(_same, f.default)))
+        elif f.default_factory is not dataclasses.MISSING:
+            out.append((f.name, f.default_factory))
+    return tuple(out)
+
+
+def make(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` for a plain frozen dataclass, without its generated ``__init__``.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``: a quarter
+    of decoding a record went there. ``values`` must name only fields of ``cls`` (``build`` has
+    checked them); missing ones get their defaults, as ``__init__`` would give them. Classes with
+    ``__post_init__`` or ``__slots__`` go through ``__init__``.
+    """
+    if not _plain(cls):
+        return cls(**values)
+    for name, default in _defaults(cls):
+        if name not in values:
+            values[name] = default()
+    obj: Any = object.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
+
+
+@cache
+def _plain(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls) and not hasattr(cls, "__post_init__") and "__slots__" not in vars(cls)
+
+
 def build(cls: type, data: Any, path: str = "data") -> Any:
     if type(data) is not dict:
         raise TypeCheckError(f"{path}: expected object, got {type(data).__name__}")
-    plan = fields_of(cls)
-    known = {name for name, _, _ in plan}
-    extra = [k for k in data if k not in known]
-    if extra:
+    if not _known(cls).issuperset(data):
+        extra = [k for k in data if k not in _known(cls)]
         raise TypeCheckError(f"{path}: unknown field(s) {', '.join(sorted(extra))}")
     kwargs = {}
-    for name, check, required in plan:
+    for name, check, required, where in _paths(cls, path) if path == "data" else _paths.__wrapped__(cls, path):
         if name in data:
-            kwargs[name] = check(data[name], f"{path}.{name}")
+            kwargs[name] = check(data[name], where)
         elif required:
             raise TypeCheckError(f"{path}: missing required field {name!r}")
-    return cls(**kwargs)
+    return make(cls, kwargs)
