@@ -52,7 +52,7 @@ def app_factory(linger_ms: int | None = None) -> Flask:
     settings = load()
     configure_logging(settings, "web")
     # collecting cycles every 50,000 allocations instead of 700: bench.ingress (3 runs each, 30-40 s)
-    # p99 55-62 ms instead of 67-73 ms at the same throughput (1,100-1,250/s); a collection that
+    # p99 55-62 ms instead of 67-73 ms at the same throughput (1,100-1,250/s); a collection
     # holds the GIL, so it stalls all 16 threads of the worker at once
     gc.set_threshold(50_000, 20, 20)
     overrides = dict(WEB_PRODUCER, **({} if linger_ms is None else {"linger.ms": linger_ms}))
