@@ -24,8 +24,9 @@ The pipeline of Shipyard (clone -> Dockerfile -> build -> test) for one ``build.
    to ``<data_dir>/logs/builds/<app>/<build>.log``.
 3. ``app.build.test_command`` (optional) runs in the built image (``sh -c``); a non-zero exit
    fails the build and the image is removed.
-4. The image is tagged ``<app-name>:<build>-<sha7>``; the last ``keep_images`` images of the app
-   are retained (older ones removed unless a release still uses them).
+4. The image is tagged ``sl-<scope>/<app-name>-a<app-id>:<build>-<sha7>`` (``image_tag``: unique
+   per app and per stack sharing the engine); the last ``keep_images`` images of the app are
+   retained (older ones removed unless a release still uses them).
 
 **Process apps** have no image: the "build" is the clone itself, kept as a release folder
 ``<data_dir>/deployer/releases/<app>/<build>-<sha7>`` that the app's command runs from; the test
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.store import Store
+from deployer.strategies import scope_of
 from deployer.strategies.process import PREFIX, release_path
 from shipline.infra.docker_engine import BASE_IMAGE
 
@@ -108,13 +110,31 @@ class BuildOutcome:
 
 
 def sanitize(name: str) -> str:
-    """A Docker repository name from an app name (lowercase, [a-z0-9._-])."""
-    out = re.sub(r"[^a-z0-9._-]+", "-", (name or "app").lower()).strip("._-")
-    return out or "app"
+    """A Docker repository path component from an app name: lowercase [a-z0-9], separated by one
+    ``.``, one or two ``_`` or any number of ``-`` (other runs of separators become ``-``)."""
+    out = re.sub(r"[^a-z0-9._-]+", "-", (name or "app").lower())
+    out = re.sub(r"[._-]{2,}", lambda m: m.group() if re.fullmatch(r"-+|__", m.group()) else "-", out)
+    return out.strip("._-") or "app"
 
 
-def image_tag(app: dict[str, Any], build: int, sha: str) -> str:
-    return f"{sanitize(str(app.get('name') or 'app-' + str(app.get('app_id', ''))))}:{build}-{sha[:7]}"
+def image_repository(app: dict[str, Any], scope: str = "") -> str:
+    """``sl-<scope>/<app name>-a<app id>``: the app's images, unique per app and per stack.
+
+    App names are unique only within a namespace and come back after a delete, and several
+    stacks (scopes) share one engine, so the name alone would make two apps' builds of one commit
+    share a tag; the app id (and the scope) keep them apart, the name keeps it readable.
+    """
+    app_id = app.get("app_id")
+    name = sanitize(str(app.get("name") or "app"))
+    repo = f"{name}-a{int(app_id)}" if app_id is not None and str(app_id) != "" else name
+    return f"sl-{scope}/{repo}" if scope else repo
+
+
+def image_tag(app: dict[str, Any], build: int, sha: str, scope: str = "") -> str:
+    """``<image_repository>:<build>-<sha7>``. Tags are stored with each build and release, never
+    parsed back except for the build number (``_build_number``), so older tags (``<name>:<build>-<sha7>``)
+    keep working."""
+    return f"{image_repository(app, scope)}:{build}-{sha[:7]}"
 
 
 def detect_template(src: Path) -> str:
@@ -260,6 +280,7 @@ class Builder:
         self.store = store
         self.keep_images = max(1, keep_images)
         self.stop = stop
+        self.scope = scope_of(self.data_dir)
 
     @property
     def client(self) -> Any:
@@ -319,7 +340,7 @@ class Builder:
         with tempfile.TemporaryDirectory(prefix=f"build-{app_id}-{build}-", dir=self._work_dir()) as work:
             src = Path(work) / "src"
             sha = clone(repo_url, commit, src, log, self.stop)
-            tag = tag or image_tag(app, build, sha)
+            tag = tag or image_tag(app, build, sha, self.scope)
             context, dockerfile = self._dockerfile(app, src, log)
             image_id = self._docker_build(context, dockerfile, tag, app, build, sha, log)
         try:
@@ -530,5 +551,6 @@ class _Adapter:
 
 
 def _build_number(image: str) -> int:
+    """The build number in a tag of ours, old (``<name>:<build>-<sha7>``) or new form; 0 if none."""
     m = re.search(r":(\d+)-[0-9a-f]{7}$", image)
     return int(m.group(1)) if m else 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from deployer.build import image_repository
 from deployer.rollout import Timing
 from deployer.service import Deployer, DeployerService
 from deployer.strategies import scope_of
@@ -202,7 +203,7 @@ def dsettings(settings: Settings, app_id: int, docker_client: Any) -> Iterator[S
     s = deployer_settings(settings, app_id)
     yield s
     stop_everything(s)
-    name = f"app{app_id}-{scope_of(s.data_dir)}"
+    name = image_repository(app_config(app_id, s), scope_of(s.data_dir))
     for image in docker_client.images.list(name=name):
         for tag in image.tags:
             try:
@@ -251,7 +252,9 @@ def test_build_from_a_local_commit_with_a_generated_dockerfile_serves_the_versio
     [finished] = deployer.handle(command(BuildImage(app_id=app_id, build=1, commit=sha, repo_url=repo.url, app=app)))
     b = finished.data
     assert b.status == "succeeded", b.log
-    assert b.tags == [f"{app['name']}:1-{sha[:7]}"] and b.exit_code == 0 and b.commit == sha
+    repository = image_repository(app, scope_of(dsettings.data_dir))
+    assert repository == f"sl-{scope_of(dsettings.data_dir)}/{app['name']}-a{app_id}"
+    assert b.tags == [f"{repository}:1-{sha[:7]}"] and b.exit_code == 0 and b.commit == sha
     log = Path(b.log_path).read_text()
     assert "generated one (static template)" in log and f"FROM {BASE_IMAGE}" in log and "Successfully tagged" in log
     image = docker_client.images.get(b.tags[0])
@@ -280,7 +283,8 @@ def test_repo_dockerfile_with_a_failing_test_command_fails_the_build(
     f = failed.data
     assert (f.status, f.exit_code, f.tags) == ("failed", 3, [])
     assert "failing on purpose" in f.log and "test command exited with 3" in f.log
-    assert not docker_client.images.list(name=f"{good['name']}:2-{sha[:7]}")  # the failed image is not kept
+    failed_tag = f"{image_repository(good, scope_of(dsettings.data_dir))}:2-{sha[:7]}"
+    assert not docker_client.images.list(name=failed_tag)  # the failed image is not kept
 
     missing = dict(good, build={"dockerfile": "nope/Dockerfile"})
     [gone] = deployer.handle(command(BuildImage(app_id=app_id, build=3, commit=sha, repo_url=repo.url, app=missing)))

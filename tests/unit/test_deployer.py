@@ -4,6 +4,7 @@ store, the port allocator, health probes, process instances and jobs (no Kafka, 
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import subprocess
 import threading
@@ -14,6 +15,7 @@ import pytest
 
 from deployer.build import (
     BuildFailed,
+    _build_number,
     _inside,
     base_images,
     clone,
@@ -70,10 +72,38 @@ def test_generated_haproxy_config_is_valid_for_the_real_haproxy(tmp_path: Path) 
 # ------------------------------------------------------------------------------------ build
 
 
-def test_image_tags_are_app_name_build_and_short_sha() -> None:
-    assert image_tag({"name": "My App!"}, 12, "abcdef0123456789") == "my-app:12-abcdef0"
-    assert image_tag({"app_id": 4}, 1, "0" * 40) == "app-4:1-0000000"
-    assert sanitize("__") == "app"
+# the repository[:tag] grammar of distribution/reference (no registry host, no digest)
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REFERENCE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*:[\w][\w.-]{{0,127}}")
+
+
+def test_image_tags_are_app_name_and_id_in_the_stack_scope_build_and_short_sha() -> None:
+    assert image_tag({"app_id": 3, "name": "My App!"}, 12, "abcdef0123456789", "1234abcd") == (
+        "sl-1234abcd/my-app-a3:12-abcdef0")
+    assert image_tag({"app_id": 4}, 1, "0" * 40, "1234abcd") == "sl-1234abcd/app-a4:1-0000000"
+    assert image_tag({"app_id": 4, "name": "web"}, 1, "0" * 40) == "web-a4:1-0000000"  # no scope given
+    assert sanitize("__") == "app" and sanitize("a..b._c__d--e") == "a-b-c__d--e"
+    for name in ("My App!", "a..b", "x._-y", "-.lead", "UPPER_case.dots", "ünïcode", "9"):
+        tag = image_tag({"app_id": 7, "name": name}, 2, "f" * 40, "00ff00ff")
+        assert _REFERENCE.fullmatch(tag), tag
+
+
+def test_same_named_apps_never_share_an_image_tag() -> None:
+    sha = "abcdef0123456789"
+    tags = {
+        image_tag({"app_id": 1, "namespace": "team-a", "name": "web"}, 1, sha, "1234abcd"),
+        image_tag({"app_id": 2, "namespace": "team-b", "name": "web"}, 1, sha, "1234abcd"),  # other namespace
+        image_tag({"app_id": 3, "namespace": "team-a", "name": "web"}, 1, sha, "1234abcd"),  # re-created
+        image_tag({"app_id": 1, "namespace": "team-a", "name": "web"}, 1, sha, "5678ef01"),  # other stack
+    }
+    assert len(tags) == 4
+
+
+def test_the_build_number_is_read_back_from_old_and_new_tags() -> None:
+    assert _build_number("my-app:12-abcdef0") == 12  # the form before app ids were in tags
+    assert _build_number("sl-1234abcd/my-app-a3:12-abcdef0") == 12
+    assert _build_number(image_tag({"app_id": 30, "name": "a-a1"}, 7, "0123456789", "1234abcd")) == 7
+    assert _build_number("busybox:latest") == 0
 
 
 def test_template_detection(tmp_path: Path) -> None:
