@@ -26,7 +26,8 @@ The pipeline of Shipyard (clone -> Dockerfile -> build -> test) for one ``build.
    fails the build and the image is removed.
 4. The image is tagged ``sl-<scope>/<app-name>-a<app-id>:<build>-<sha7>`` (``image_tag``: unique
    per app and per stack sharing the engine); the last ``keep_images`` images of the app are
-   retained (older ones removed unless a release still uses them).
+   retained (older ones removed unless a release still uses them); when the app is retired, all
+   of them go (``Builder.retire``).
 
 **Process apps** have no image: the "build" is the clone itself, kept as a release folder
 ``<data_dir>/deployer/releases/<app>/<build>-<sha7>`` that the app's command runs from; the test
@@ -35,6 +36,7 @@ command runs there, and the build's tag is ``process:<folder>``.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -48,10 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from docker.errors import ImageNotFound
+
 from deployer.store import Store
 from deployer.strategies import scope_of
 from deployer.strategies.process import PREFIX, release_path
 from shipline.infra.docker_engine import BASE_IMAGE
+
+log = logging.getLogger(__name__)
 
 TEMPLATES = ("static", "python", "node")
 DEFAULT_BASES = {"static": BASE_IMAGE, "python": "python:3.11-slim", "node": "node:20-slim"}
@@ -505,34 +511,65 @@ class Builder:
         outcome = self._build_image(app, build, commit, repo, blog, tag=image, retain=False)  # type: ignore[arg-type]
         return outcome.tags[0]
 
-    def retain(self, app_id: int, in_use: set[str] | None = None) -> list[str]:
-        """Keep the newest ``keep_images`` builds of an app; remove the rest unless ``in_use``."""
-        in_use = set(in_use or ())
-        release = self.store.release(app_id)
-        if release is not None:
-            in_use.add(release.image)
-        rollout = self.store.rollout(app_id)
-        if rollout is not None:
-            in_use.add(rollout.image)
+    def retain(self, app_id: int, keep: int | None = None, in_use: set[str] | None = None) -> list[str]:
+        """Keep the newest ``keep`` (default ``keep_images``) builds of an app; remove the older
+        images / release folders and forget them, except those ``in_use`` (by default the current
+        release's and an in-flight rollout's). Returns the tags removed.
+
+        A tag another app of this store also holds (an older tag of a same-named app) is forgotten
+        for this app but stays on the engine. An image the engine refuses to remove (a container
+        still uses it) or cannot reach stays recorded, so the next retain tries again; one already
+        gone is simply forgotten. Never raises for an image.
+        """
+        keep = self.keep_images if keep is None else max(0, keep)
+        if in_use is None:
+            in_use = set()
+            release = self.store.release(app_id)
+            if release is not None:
+                in_use.add(release.image)
+            rollout = self.store.rollout(app_id)
+            if rollout is not None:
+                in_use.add(rollout.image)
         removed = []
-        for _build, tag, _image_id, _commit in self.store.images(app_id)[self.keep_images:]:
+        for _build, tag, _image_id, _commit in self.store.images(app_id)[keep:]:
             if tag in in_use:
                 continue
             if tag.startswith(PREFIX):
                 path = release_path(tag)
                 if path is not None:
                     shutil.rmtree(path, ignore_errors=True)
-            else:
-                self._remove_image(tag)
+            elif self.store.apps_with_image(tag) - {app_id}:
+                log.info("image %s of app %s is also another app's: left on the engine", tag, app_id)
+            elif not self._remove_image(tag):
+                continue
             self.store.forget_image(app_id, tag)
             removed.append(tag)
         return removed
 
-    def _remove_image(self, tag: str) -> None:
+    def retire(self, app_id: int) -> list[str]:
+        """The app was deleted and its instances are stopped: remove every image / release folder
+        it kept (build logs stay). Idempotent; never raises (what cannot go now is logged)."""
+        try:
+            removed = self.retain(app_id, keep=0, in_use=set())
+        except Exception:  # noqa: BLE001 - a retire must report whatever happens to the artifacts
+            log.exception("retire app %s: its images could not be removed", app_id)
+            return []
+        # what the store does not list: a process rebuild's folder, an 'empty' release, a leftover clone
+        shutil.rmtree(self.data_dir / "deployer" / "releases" / str(int(app_id)), ignore_errors=True)
+        if removed:
+            log.info("retired app %s: removed %s", app_id, ", ".join(removed))
+        return removed
+
+    def _remove_image(self, tag: str) -> bool:
+        """Remove a tag from the engine: True when it is gone (also when it already was)."""
         try:
             self.client.images.remove(tag, force=False, noprune=False)
-        except Exception:  # noqa: BLE001 - an image still used by a container stays
-            pass
+        except ImageNotFound:
+            return True
+        except Exception as exc:  # noqa: BLE001 - still used by a container (409), or no engine
+            log.warning("image %s stays for now: %s", tag, exc)
+            return False
+        return True
 
 
 class _Adapter:

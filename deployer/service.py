@@ -243,13 +243,15 @@ class Deployer:
                             duration=round(time.monotonic() - started, 3))]
 
     def on_retire(self, env: Envelope) -> list[Message]:
-        """The app was deleted: route removed, instances stopped; the store forgets it on completion.
+        """The app was deleted: route removed, instances stopped, then its images / release folders
+        removed (while the store still lists them); the store forgets it on completion. Build logs stay.
 
         A retire of an app with nothing running (replayed, or never deployed) stops nothing and
         reports so; it never fails.
         """
         cmd: RetireApp = env.data  # type: ignore[assignment]
         retired = self.rollouts.retire(cmd.app_id)
+        self.builder.retire(cmd.app_id)
         return [AppRetired(app_id=cmd.app_id, stopped=retired.stopped, revision=retired.revision, url=retired.url)]
 
     # --------------------------------------------------------------------------- recovery

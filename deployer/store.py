@@ -276,6 +276,10 @@ class Store:
             (app_id,),
         )]
 
+    def apps_with_image(self, tag: str) -> set[int]:
+        """The apps that recorded ``tag`` (several only for tags from before app ids were in them)."""
+        return {r[0] for r in self._conn().execute("SELECT app_id FROM images WHERE tag = ?", (tag,))}
+
     def forget_image(self, app_id: int, tag: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM images WHERE app_id = ? AND tag = ?", (app_id, tag))

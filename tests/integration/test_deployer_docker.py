@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.errors import ImageNotFound
 
 from deployer.build import image_repository
 from deployer.rollout import Timing
@@ -374,6 +375,12 @@ def test_rolling_update_and_rollback_through_kafka_with_zero_failed_requests(
             [c.name for c in running], 3, url)
         assert [c for c in scope_containers(docker_client, dsettings) if c.status == "running"] == []
         wait_until("the app's address refusing connections", lambda: refused(url), timeout=15)
+        # and its images are gone from the engine (the live one too); its build logs stay
+        for tag in tags.values():
+            with pytest.raises(ImageNotFound):
+                docker_client.images.get(tag)
+        assert docker_client.images.list(name=image_repository(app, scope_of(dsettings.data_dir))) == []
+        assert Path(reports.wait("build.started", build=1).data.log_path).is_file()
     finally:
         stop.set()
         runner.join(15)

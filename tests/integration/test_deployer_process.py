@@ -3,6 +3,7 @@ the middle of a rollout, then a restart that reconciles to exactly one serving r
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from deployer.proxy import Proxy
 from deployer.service import DeployerService
 from deployer.strategies import scope_of
-from deployer.strategies.process import ProcessStrategy, proc_state
+from deployer.strategies.process import ProcessStrategy, proc_state, release_path
 from deployer.teardown import stop_everything
 from shipline import kafka
 from shipline.config import Settings
@@ -317,6 +318,8 @@ def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_s
             assert get(urls[a]) == (200, "v1")
         [(iid, inst)] = instances_of(app_id).items()
         [(other_iid, other_inst)] = instances_of(other).items()
+        folders = {a: release_path(json.loads(release_row(s, a)[1])[0]["image"]) for a in (app_id, other)}
+        assert all(f is not None and f.is_dir() for f in folders.values()), folders
 
         with Load(urls[other]) as load:
             wait_until("load on the other app", lambda: load.total > 10)
@@ -336,8 +339,10 @@ def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_s
         wait_until("the app's proxy address refusing connections", lambda: refused(urls[app_id]), timeout=15)
         proxy = Proxy(s.data_dir, s.proxy_port)
         assert app_id not in proxy.state().apps and proxy.stats(app_id) == {}
-        # the deployer forgot it: no release to reconcile back to life, its port is free again
+        # the deployer forgot it: no release to reconcile back to life, its port is free again, and
+        # its release folder is gone (the other app's stays)
         assert release_row(s, app_id) is None and rollout_phase(s, app_id) is None
+        assert not folders[app_id].exists() and folders[other].is_dir()  # type: ignore[union-attr]
         assert iid not in PortAllocator(s.data_dir, s.app_ports).allocated().values()
         # the other app is untouched
         assert instances_of(other) == {other_iid: other_inst} and get(urls[other]) == (200, "v1")

@@ -411,3 +411,142 @@ def test_retire_stops_every_instance_of_the_app_in_both_strategies_and_drops_its
     again = rollouts.retire(7)  # a new retire of the retired app: nothing left, never an error
     assert (again.stopped, again.revision, again.url) == ([], None, "")
     assert docker.stopped.count(current.id) == 1
+
+
+# ----------------------------------------------------------------------- retired app's images
+
+
+class FakeImages:
+    """The engine's images by tag (``remove`` as docker-py: ImageNotFound, or 409 while in use)."""
+
+    def __init__(self, tags: set[str], in_use: frozenset[str] = frozenset()) -> None:
+        self.tags = set(tags)
+        self.in_use = set(in_use)
+        self.removed: list[str] = []
+
+    def remove(self, tag: str, force: bool = False, noprune: bool = False) -> None:
+        from docker.errors import APIError, ImageNotFound
+
+        if tag not in self.tags:
+            raise ImageNotFound(f"No such image: {tag}")
+        if tag in self.in_use:
+            raise APIError(f"409 Conflict: unable to remove {tag}: image is being used by a stopped container")
+        self.tags.discard(tag)
+        self.removed.append(tag)
+
+
+class FakeContainers:
+    def list(self, all: bool = False, filters: dict[str, str] | None = None) -> list[object]:  # noqa: A002
+        return []
+
+
+class FakeDocker:
+    def __init__(self, images: FakeImages) -> None:
+        self.images = images
+        self.containers = FakeContainers()
+
+
+def _artifacts(builder: object, store: Store, app_id: int, name: str, builds: int) -> tuple[list[str], list[Path]]:
+    """``builds`` docker images and as many release folders recorded for an app, as builds leave them."""
+    from deployer.build import Builder
+
+    assert isinstance(builder, Builder)
+    tags, folders = [], []
+    for n in range(1, builds + 1):
+        sha = f"{n:07d}" + "f" * 33
+        tag = image_tag({"app_id": app_id, "name": name}, n, sha, builder.scope)
+        store.add_image(app_id, n, tag, f"sha256:{app_id}{n}", sha)
+        folder = builder.release_dir(app_id, 100 + n, sha)
+        folder.mkdir(parents=True)
+        store.add_image(app_id, 100 + n, f"process:{folder}", f"process:{folder}", sha)
+        tags.append(tag)
+        folders.append(folder)
+    return tags, folders
+
+
+def test_retiring_an_app_removes_all_its_images_and_release_folders_and_no_other_apps(tmp_path: Path) -> None:
+    from deployer.service import Deployer
+    from shipline.config import load
+    from shipline.messages import RetireApp
+
+    settings = load({"SHIPLINE_DATA_DIR": str(tmp_path / "data"), "SHIPLINE_ADMIN_TOKEN": "x",
+                     "SHIPLINE_SECRET_KEY": "x", "SHIPLINE_KEEP_IMAGES": "2", "SHIPLINE_PROXY_PORT": "18000"})
+    engine = FakeImages(set())
+    d = Deployer(settings, threading.Event(), docker_client=lambda: FakeDocker(engine))
+    try:
+        # two apps of the same name (another namespace): app 8's artifacts must survive app 7's retire
+        tags7, folders7 = _artifacts(d.builder, d.store, 7, "web", 3)
+        tags8, folders8 = _artifacts(d.builder, d.store, 8, "web", 2)
+        engine.tags |= set(tags7) | set(tags8)
+        d.store.set_release(Release(7, 3, tags7[-1], "c", "docker", [], {}))  # live until the retire
+        build_log = d.builder.build_log_path(7, 3)
+        build_log.parent.mkdir(parents=True)
+        build_log.write_text("audit\n")
+
+        [retired] = d.handle(wrap(RetireApp(app_id=7, app={"app_id": 7, "name": "web"}), source="t"))
+        assert retired.type == "app.retired"
+        assert sorted(engine.removed) == sorted(tags7)  # also the live release's: its instances are stopped
+        assert not any(f.exists() for f in folders7)
+        assert not (tmp_path / "data" / "deployer" / "releases" / "7").exists()
+        assert d.store.images(7) == [] and d.store.release(7) is None
+        assert engine.tags == set(tags8) and all(f.is_dir() for f in folders8)
+        assert len(d.store.images(8)) == 4
+        assert build_log.read_text() == "audit\n"  # build logs stay
+
+        # a new retire of the retired app: nothing left to remove, nothing fails
+        [again] = d.handle(wrap(RetireApp(app_id=7, app={"app_id": 7, "name": "web"}), source="t"))
+        assert again.type == "app.retired" and again.id != retired.id
+        assert sorted(engine.removed) == sorted(tags7) and engine.tags == set(tags8)
+    finally:
+        d.close()
+
+
+def test_retire_keeps_going_past_images_already_gone_or_still_used_and_never_fails(tmp_path: Path) -> None:
+    from deployer.build import Builder
+
+    store = Store(tmp_path / "state.db")
+    engine = FakeImages(set())
+    builder = Builder(tmp_path, lambda: FakeDocker(engine), store, keep_images=5, stop=threading.Event())
+    tags, folders = _artifacts(builder, store, 3, "api", 3)
+    engine.tags = {tags[0], tags[1]}  # tags[2] was removed by hand already
+    engine.in_use = {tags[1]}  # a container the deployer does not know still uses it
+    legacy = "api:1-0000001"  # an old-form tag another (same-named) app recorded too
+    store.add_image(3, 0, legacy, "sha256:l", "c")
+    store.add_image(4, 1, legacy, "sha256:l", "c")
+    engine.tags.add(legacy)
+
+    removed = builder.retire(3)
+    assert sorted(removed) == sorted([tags[0], tags[2], legacy, *(f"process:{f}" for f in folders)])
+    assert engine.removed == [tags[0]]  # the shared legacy tag stays for app 4
+    assert engine.tags == {tags[1], legacy}
+    assert [t for _b, t, *_ in store.images(3)] == [tags[1]]  # still used: recorded, tried again next time
+    assert [t for _b, t, *_ in store.images(4)] == [legacy]
+
+    engine.in_use.clear()
+    assert builder.retire(3) == [tags[1]]
+    assert builder.retire(3) == [] and store.images(3) == []  # a repeated retire is a no-op
+
+    def no_engine() -> object:
+        raise RuntimeError("no engine")
+
+    tags9, _ = _artifacts(builder, store, 9, "x", 1)
+    builder._client_factory = no_engine
+    assert builder.retire(9) == [f"process:{builder.release_dir(9, 101, '0000001' + 'f' * 33)}"]
+    assert [t for _b, t, *_ in store.images(9)] == tags9  # the image waits for an engine
+
+
+def test_retain_keeps_the_newest_and_the_live_release_of_that_app_only(tmp_path: Path) -> None:
+    from deployer.build import Builder
+
+    store = Store(tmp_path / "state.db")
+    engine = FakeImages(set())
+    builder = Builder(tmp_path, lambda: FakeDocker(engine), store, keep_images=2, stop=threading.Event())
+    store.add_image(1, 1, "a:1", "i1", "c")
+    store.add_image(1, 2, "a:2", "i2", "c")
+    store.add_image(1, 3, "a:3", "i3", "c")
+    store.add_image(2, 1, "b:1", "j1", "c")
+    engine.tags = {"a:1", "a:2", "a:3", "b:1"}
+    store.set_release(Release(1, 1, "a:1", "c", "docker", [], {}))
+    assert builder.retain(1) == [] and builder.retain(1, keep=1) == ["a:2"]
+    assert builder.retain(1, keep=0) == ["a:3"]  # the live release's stays while the app lives
+    assert engine.tags == {"a:1", "b:1"} and [t for _b, t, *_ in store.images(2)] == ["b:1"]
