@@ -51,9 +51,9 @@ def app_factory(linger_ms: int | None = None) -> Flask:
 
     settings = load()
     configure_logging(settings, "web")
-    # collecting cycles every 50,000 allocations instead of 700: bench.ingress (3 runs each, 30-40 s)
-    # p99 55-62 ms instead of 67-73 ms at the same throughput (1,100-1,250/s); a collection
-    # holds the GIL, so it stalls all 16 threads of the worker at once
+    # collecting cycles every 50,000 allocations instead of 700: bench.ingress p99 55-68 ms over
+    # five runs (median 60) against 61-74 ms over five without (median 70), at the same throughput
+    # within the noise (970-1,260/s); a collection holds the GIL, so it stalls all 16 threads
     gc.set_threshold(50_000, 20, 20)
     overrides = dict(WEB_PRODUCER, **({} if linger_ms is None else {"linger.ms": linger_ms}))
     return create_app(settings, producer=producer(settings.bootstrap_servers, **overrides))
