@@ -34,6 +34,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports_in_a_row(n: int) -> int:
+    """The first of ``n`` consecutive ports free right now, for servers bound later (HAProxy's
+    per-app frontends), chosen below the kernel's ephemeral range and above the deployer's
+    instance ports (20000-29999): a port from ``free_port()`` is in the ephemeral range, where a
+    client's source port (a load generator opens thousands) can take it before the server binds."""
+    import random
+
+    from deployer.ports import port_is_free
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(500):
+        first = random.randrange(30000, low - n) if low - n > 30000 else free_port()
+        if all(port_is_free(first + i) for i in range(n)):
+            return first
+    raise RuntimeError(f"no {n} free ports in a row")
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import CACHE, ROOT, free_port
+from tests.conftest import CACHE, ROOT, free_port, free_ports_in_a_row
 
 
 def stack_dir() -> Path:
@@ -35,7 +35,7 @@ class Stack:
             "SHIPLINE_KAFKA_PORT": str(free_port()),
             "SHIPLINE_KAFKA_CONTROLLER_PORT": str(free_port()),
             "SHIPLINE_PG_PORT": str(free_port()),
-            "SHIPLINE_PROXY_PORT": str(free_port()),
+            "SHIPLINE_PROXY_PORT": str(free_ports_in_a_row(16)),  # app n's frontend: + n, bound at its deploy
             "SHIPLINE_OUTBOUND_ALLOW": "127.0.0.1/32",
             "SHIPLINE_WEB_WORKERS": "2",
             **(extra_env or {}),

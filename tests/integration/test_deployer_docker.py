@@ -37,7 +37,7 @@ from shipline.infra.docker_engine import (
     stop_engine,
 )
 from shipline.messages import BuildImage, DeployRelease, Message, RetireApp, RunJob
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, free_ports_in_a_row
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def docker_client() -> Iterator[Any]:
 
 def deployer_settings(settings: Settings, app_id: int, **changes: Any) -> Settings:
     """The test's settings with a proxy port for ``app_id`` that is free right now."""
-    return dataclasses.replace(settings, proxy_port=free_port() - app_id, health_interval=0.2, **changes)
+    return dataclasses.replace(settings, proxy_port=free_ports_in_a_row(1) - app_id, health_interval=0.2, **changes)
 
 
 class Repo:

@@ -24,7 +24,7 @@ from shipline import kafka
 from shipline.config import Settings
 from shipline.envelope import Envelope
 from shipline.messages import BuildImage, DeployRelease, Message, RetireApp, RunJob
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_ports_in_a_row
 from tests.integration.test_deployer_docker import (
     Load,
     Repo,
@@ -236,14 +236,9 @@ def test_adding_an_app_reloads_haproxy_seamlessly_and_a_taken_port_fails_only_th
     import dataclasses
     import socket
 
-    from deployer.ports import port_is_free
     from deployer.service import Deployer
 
-    def four_free() -> int | None:
-        p = free_port()
-        return p if all(port_is_free(p + i) for i in range(4)) else None
-
-    base = wait_until("4 free ports in a row", four_free)
+    base = free_ports_in_a_row(4)  # the four apps' proxy ports
     psettings = dataclasses.replace(psettings, proxy_port=base - app_id)
     d = Deployer(psettings, threading.Event())
     repo = Repo(tmp_path / "repo")
@@ -286,13 +281,9 @@ def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_s
 ) -> None:
     import dataclasses
 
-    from deployer.ports import PortAllocator, port_is_free
+    from deployer.ports import PortAllocator
 
-    def two_free() -> int | None:  # the two apps' proxy ports, side by side
-        p = free_port()
-        return p if port_is_free(p + 1) else None
-
-    s = dataclasses.replace(psettings, proxy_port=wait_until("2 free ports in a row", two_free) - app_id)
+    s = dataclasses.replace(psettings, proxy_port=free_ports_in_a_row(2) - app_id)  # the two apps' proxy ports
     other = app_id + 1
     repo = Repo(tmp_path / "repo")
     sha = repo.commit(version(1))
