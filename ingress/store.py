@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 from ingress.repos import normalise
 from ingress.validation import storable
 from shipline import messages as m
-from shipline.db import migrate, validate_schema
+from shipline.db import delete_older, migrate, validate_schema
 from shipline.envelope import Envelope
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -222,18 +222,7 @@ class Store:
         path's inserts. A redelivery older than that is published again and streams, which
         remembers each app's recent deliveries, records it as a duplicate.
         """
-        removed = 0
-        while True:
-            with self._autocommit() as conn:
-                cur = conn.execute(
-                    f"DELETE FROM {self._s}.seen_deliveries WHERE ctid = ANY(ARRAY("  # type: ignore[arg-type]
-                    f" SELECT ctid FROM {self._s}.seen_deliveries"
-                    "  WHERE received_at < now() - make_interval(secs => %s) LIMIT %s))",
-                    (days * 86400, batch),
-                )
-                removed += cur.rowcount
-            if cur.rowcount < batch:
-                return removed
+        return delete_older(self._autocommit, f"{self._s}.seen_deliveries", "received_at", days, batch)
 
     def apply(self, conn: psycopg.Connection[Any], env: Envelope) -> None:
         handler = HANDLERS.get(type(env.data))

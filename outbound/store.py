@@ -17,7 +17,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from shipline.db import validate_schema
+from shipline.db import delete_older, validate_schema
 
 DELIVERY_COLUMNS = (
     "id, subscription_id, app_id, event_id, event_type, event_name, event_sequence, event_time, status, round,"
@@ -248,21 +248,10 @@ class Store:
         gets a payload: ``payloads.build_finish`` leaves what it cannot join null (a replay joins
         what it reads from the log instead).
         """
-        removed: dict[str, int] = {}
-        for table in PRUNED_TABLES:
-            removed[table] = 0
-            while True:
-                with self.pool.connection() as conn:
-                    cur = conn.execute(
-                        self.q(f"DELETE FROM {{s}}.{table} WHERE ctid = ANY(ARRAY("
-                               f" SELECT ctid FROM {{s}}.{table}"
-                               "  WHERE seen_at < now() - make_interval(secs => %s) LIMIT %s))"),
-                        (days * 86400, batch),
-                    )
-                    removed[table] += cur.rowcount
-                if cur.rowcount < batch:
-                    break
-        return removed
+        return {
+            table: delete_older(self.pool.connection, self.q(f"{{s}}.{table}"), "seen_at", days, batch)
+            for table in PRUNED_TABLES
+        }
 
     def insert_deliveries(self, conn: Connection[Any], rows: Sequence[NewDelivery], now: datetime) -> None:
         if not rows:

@@ -195,7 +195,7 @@ def _defer_indexes(conn: psycopg.Connection[Any], schema: str) -> list[str]:
 
 
 Marks = dict[int, tuple[int, int]]  # partition -> (low, high) watermarks captured at the start
-Report = Callable[[dict[str, int], dict[int, int]], None]  # (counts so far, next offset per partition)
+Report = Callable[[dict[int, int]], None]  # the next offset of each partition replayed so far
 
 # below this many events an automatic worker count stays at one: starting a process costs ~1s
 PARALLEL_FROM = 50_000
@@ -222,21 +222,16 @@ def _replay(
     todo = sorted(p for p, (low, high) in marks.items() if high > low)
     workers = _worker_count(settings, len(todo), total)
     bar = ProgressBar(total, progress)
-    counts = {"events": 0, "applied": 0, "duplicates": 0, "rejected": 0}
 
-    def report(sofar: dict[str, int], done: dict[int, int]) -> None:
+    def report(done: dict[int, int]) -> None:
         bar.update(sum(done.get(p, marks[p][0]) - marks[p][0] for p in marks))
 
-    if workers <= 1:
-        got = _replay_partitions(settings, target, fresh, topic, {p: marks[p] for p in todo}, batch_size,
-                                 stall_timeout, report)
-        for key in ("applied", "duplicates", "rejected"):
-            counts[key] = got[key]
+    shares = [{p: marks[p] for p in todo[i::workers]} for i in range(workers)]
+    if workers == 1:
+        results = [_replay_partitions(settings, target, fresh, topic, shares[0], batch_size, stall_timeout, report)]
     else:
-        shares = [{p: marks[p] for p in todo[i::workers]} for i in range(workers)]
-        got_all = _run_workers(settings, fresh, topic, shares, batch_size, stall_timeout, report)
-        for key in ("applied", "duplicates", "rejected"):
-            counts[key] = sum(g[key] for g in got_all)
+        results = _run_workers(settings, fresh, topic, shares, batch_size, stall_timeout, report)
+    counts = {key: sum(r[key] for r in results) for key in ("applied", "duplicates", "rejected")}
     counts["events"] = total
     bar.update(total, final=True)
     # every partition ends exactly at its snapshot watermark (past trailing control records too)
@@ -378,7 +373,7 @@ def _replay_partitions(
                 result = apply_batch(target, fresh, records, reject=skip, decoded=decoded, generation=generation)
                 counts["applied"] += result.applied
                 counts["duplicates"] += result.duplicates
-                report(counts, done)
+                report(done)
         finally:
             stop.set()
             reader.join(5)  # before the consumer is closed: it is not safe to close under a consume
@@ -422,8 +417,8 @@ def _run_workers(
                     raise RebuildError(f"{dead[0].name} exited with code {dead[0].exitcode}") from None
                 continue
             if kind == "progress":
-                done.update(payload[1])
-                report(payload[0], done)
+                done.update(payload)
+                report(done)
             elif kind == "done":
                 results[worker] = payload
             else:
@@ -463,7 +458,7 @@ def _worker(
             target.execute("SET synchronous_commit = off")
             got = _replay_partitions(
                 settings, target, fresh, topic, marks, batch_size, stall_timeout,
-                lambda counts, done: messages.put(("progress", worker, (dict(counts), dict(done)))),
+                lambda done: messages.put(("progress", worker, dict(done))),
             )
         messages.put(("done", worker, got))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the rebuild

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
@@ -120,3 +121,30 @@ def migrate(pool: ConnectionPool, schema: str, migrations: Sequence[tuple[int, s
             log.info("migrated %s to version %d", schema, version)
             applied_now.append(version)
     return applied_now
+
+
+def delete_older(
+    connection: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
+    table: str,
+    column: str,
+    days: float,
+    batch: int = 10_000,
+) -> int:
+    """Delete ``table``'s rows whose ``column`` is more than ``days`` old; returns how many.
+
+    ``table`` is schema-qualified and, like ``column``, comes from code, never from input. Each
+    batch of at most ``batch`` rows is its own short transaction (``connection()``'s block commits:
+    autocommit, or a pool's connection), so a large backlog never holds many row locks or runs
+    long next to the hot path's inserts.
+    """
+    removed = 0
+    while True:
+        with connection() as conn:
+            cur = conn.execute(
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table}"  # type: ignore[arg-type]
+                f" WHERE {column} < now() - make_interval(secs => %s) LIMIT %s))",
+                (days * 86400, batch),
+            )
+        removed += cur.rowcount
+        if cur.rowcount < batch:
+            return removed

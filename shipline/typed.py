@@ -121,7 +121,8 @@ def _known(cls: type) -> frozenset[str]:
 
 @cache
 def _paths(cls: type, path: str) -> tuple[tuple[str, Check, bool, str], ...]:
-    """``fields_of`` with each field's path (``data.name``) made once, not once per record."""
+    """``fields_of`` with each field's path (``data.name``) made once, not once per record (paths
+    come from code: the codec builds at ``data``, and no message nests another)."""
     return tuple((name, check, required, f"{path}.{name}") for name, check, required in fields_of(cls))
 
 
@@ -170,7 +171,7 @@ def build(cls: type, data: Any, path: str = "data") -> Any:
         extra = [k for k in data if k not in _known(cls)]
         raise TypeCheckError(f"{path}: unknown field(s) {', '.join(sorted(extra))}")
     kwargs = {}
-    for name, check, required, where in _paths(cls, path) if path == "data" else _paths.__wrapped__(cls, path):
+    for name, check, required, where in _paths(cls, path):
         if name in data:
             kwargs[name] = check(data[name], where)
         elif required:

@@ -3,13 +3,14 @@ the middle of a rollout, then a restart that reconciles to exactly one serving r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +97,37 @@ def our_processes(settings: Settings) -> dict[str, Any]:
     return ProcessStrategy(settings.data_dir, scope_of(settings.data_dir), rebuild=lambda *a: "").running_ids()
 
 
-def test_process_strategy_end_to_end_through_kafka(psettings: Settings, app_id: int, tmp_path: Path) -> None:
-    repo = Repo(tmp_path / "repo")
-    app = app_config(app_id, repo)
+@contextlib.contextmanager
+def deployer_running(settings: Settings) -> Iterator[tuple[Callable[[Envelope], Envelope], Reports]]:
+    """A DeployerService on a thread of its own, ``send(envelope)`` onto its commands topic, and its
+    reports; on the way out the service is stopped and must have ended."""
     stop = threading.Event()
-    runner = threading.Thread(target=DeployerService(psettings, stop).run, daemon=True)
+    runner = threading.Thread(target=DeployerService(settings, stop).run, daemon=True)
     runner.start()
-    producer = kafka.producer(psettings.bootstrap_servers)
-    reports = Reports(psettings.bootstrap_servers, psettings.topics.reports)
+    producer = kafka.producer(settings.bootstrap_servers)
+    reports = Reports(settings.bootstrap_servers, settings.topics.reports)
 
-    def send(msg: Message) -> Envelope:
-        env = command(msg)
-        kafka.send_sync(producer, psettings.topics.commands, env)
+    def send(env: Envelope) -> Envelope:
+        kafka.send_sync(producer, settings.topics.commands, env)
         return env
 
     try:
+        yield send, reports
+    finally:
+        stop.set()
+        runner.join(15)
+        reports.close()
+    assert not runner.is_alive()
+
+
+def test_process_strategy_end_to_end_through_kafka(psettings: Settings, app_id: int, tmp_path: Path) -> None:
+    repo = Repo(tmp_path / "repo")
+    app = app_config(app_id, repo)
+    with deployer_running(psettings) as (send_command, reports):
+
+        def send(msg: Message) -> Envelope:
+            return send_command(command(msg))
+
         shas, tags = {}, {}
         for n in (1, 2):
             shas[n] = repo.commit(version(n))
@@ -145,11 +162,6 @@ def test_process_strategy_end_to_end_through_kafka(psettings: Settings, app_id: 
         send(RunJob(app_id=app_id, job=1, image=tags[2], env={"MESSAGE": "hello"}, app=job_app))
         job = reports.wait("job.finished", job=1).data
         assert job.exit_code == 2 and "job says hello from v2" in job.log
-    finally:
-        stop.set()
-        runner.join(15)
-        reports.close()
-    assert not runner.is_alive()
 
 
 def rollout_phase(settings: Settings, app_id: int) -> str | None:
@@ -288,20 +300,11 @@ def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_s
     repo = Repo(tmp_path / "repo")
     sha = repo.commit(version(1))
     apps = {a: app_config(a, repo) for a in (app_id, other)}
-    stop = threading.Event()
-    runner = threading.Thread(target=DeployerService(s, stop).run, daemon=True)
-    runner.start()
-    producer = kafka.producer(s.bootstrap_servers)
-    reports = Reports(s.bootstrap_servers, s.topics.reports)
-
-    def send(env: Envelope) -> Envelope:
-        kafka.send_sync(producer, s.topics.commands, env)
-        return env
 
     def instances_of(a: int) -> dict[str, Any]:
         return {iid: i for iid, i in our_processes(s).items() if f"-a{a}-" in iid}
 
-    try:
+    with deployer_running(s) as (send, reports):
         urls = {}
         for a in (app_id, other):  # no build: each release is cloned from the commit
             send(command(DeployRelease(app_id=a, revision=1, image="", commit=sha, app=apps[a])))
@@ -354,8 +357,3 @@ def test_retire_takes_the_app_off_the_proxy_and_stops_it_and_leaves_other_apps_s
         assert (second.data.stopped, second.data.revision, second.data.url) == ([], None, "")
         assert refused(urls[app_id]) and get(urls[other]) == (200, "v1")
         assert instances_of(other) == {other_iid: other_inst}
-    finally:
-        stop.set()
-        runner.join(15)
-        reports.close()
-    assert not runner.is_alive()

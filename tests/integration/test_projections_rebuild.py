@@ -151,7 +151,7 @@ def test_a_worker_that_fails_fails_the_rebuild_with_its_reason(settings) -> None
     # a watermark the log never reaches: the worker reads everything, then waits for more in vain
     share = {p: (low, high + 10) for p, (low, high) in marks.items() if high > low}
     with pytest.raises(RebuildError, match=r"rebuild-worker-0 failed: RebuildError: no records for 1s"):
-        _run_workers(settings, fresh, settings.topics.events, [share], 1000, 1.0, lambda counts, done: None)
+        _run_workers(settings, fresh, settings.topics.events, [share], 1000, 1.0, lambda done: None)
 
 
 # a rebuild's parent process whose two workers wait for records past the end of the log (60 s)
@@ -164,7 +164,7 @@ fresh, _ = names(settings.schema("projections"))
 marks = _watermarks(settings, settings.topics.events)
 todo = sorted(p for p, (low, high) in marks.items() if high > low)
 shares = [{p: (marks[p][0], marks[p][1] + 10) for p in todo[i::2]} for i in range(2)]
-_run_workers(settings, fresh, settings.topics.events, shares, 1000, 60.0, lambda counts, done: None)
+_run_workers(settings, fresh, settings.topics.events, shares, 1000, 60.0, lambda done: None)
 """
 
 
