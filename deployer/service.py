@@ -2,8 +2,8 @@
 
 It consumes ``<prefix>.commands`` (group ``<prefix>-deployer``; several deployer processes share
 the partitions), carries out one command at a time — every record is keyed by app id, so the
-partition gives each app's commands in order — and publishes what happened to
-``<prefix>.reports`` (streams sequences them onto the event log):
+partition gives each app's commands in order — and reports what happened on ``<prefix>.inbound``,
+streams' one input log (streams sequences the reports onto the event log):
 
 =============  =====================================================================
 command        reports
@@ -320,7 +320,7 @@ class DeployerService:
 
     def _publish(self, envs: list[Envelope]) -> None:
         if envs:
-            kafka.send_many_sync(self.producer, self.topics.reports, envs)
+            kafka.send_many_sync(self.producer, self.topics.inbound, envs)
 
     def _publish_until_acked(self, envs: list[Envelope]) -> bool:
         """Reports must be durable before the offset is committed: retry until acked (or stopping)."""

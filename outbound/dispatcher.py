@@ -226,7 +226,7 @@ class Dispatcher:
             env = wrap(SubscriptionDisabled(app_id=app_id, subscription_id=sid, reason=reason),
                        source="shipline/dispatcher", id=derive_id("subscription.disabled", sid, at))
             try:
-                kafka.send_sync(self.producer, self.settings.topics.reports, env)
+                kafka.send_sync(self.producer, self.settings.topics.inbound, env)
             except kafka.NotDurable:
                 log.warning("could not report subscription %s disabled yet; will retry", sid)
                 return

@@ -6,7 +6,8 @@ Three families, named as cosmicpython names them:
   an operator asked for. Streams decides what they mean.
 * **events** (past tense, topic ``events``, written only by streams, which stamps the per-app
   ``sequence``): what happened. Outcomes the deployer and dispatcher observe travel as the same
-  event types on the ``reports`` topic first, without a sequence, and streams re-stamps them.
+  event types on the ``inbound`` topic first (as reports, without a sequence: one ordered input
+  log per app), and streams re-stamps them.
 * **commands** (imperative, topic ``commands``, written by streams): work for the deployer.
 
 The JSON Schemas under ``schemas/`` are generated from these classes (``python -m

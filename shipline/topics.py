@@ -29,7 +29,14 @@ class Topics:
 
     @property
     def inbound(self) -> str:
-        """Accepted webhook deliveries and management requests (ingress -> streams)."""
+        """Everything streams decides on, in one ordered log per app: accepted webhook deliveries
+        and management requests (ingress), and the outcomes the deployer and dispatcher report.
+
+        Reports share this topic (there is no separate reports topic) so that all of an app's
+        inputs sit in one partition in one order. A replay after a crash then decides them in the
+        order the first run did, which is what makes its re-sent outputs identical
+        (``streams/agent.py``); two input topics would be interleaved differently on each run.
+        """
         return f"{self.prefix}.inbound"
 
     @property
@@ -43,11 +50,6 @@ class Topics:
         return f"{self.prefix}.commands"
 
     @property
-    def reports(self) -> str:
-        """Outcomes observed by the deployer and dispatcher, sequenced by streams (-> streams)."""
-        return f"{self.prefix}.reports"
-
-    @property
     def deadletter(self) -> str:
         """Records a consumer could not decode or apply, with the reason in headers."""
         return f"{self.prefix}.deadletter"
@@ -58,7 +60,6 @@ class Topics:
             self.inbound: {"retention.ms": WEEK_MS, **LARGE},
             self.events: {"retention.ms": "-1", "retention.bytes": "-1", **LARGE},
             self.commands: {"retention.ms": WEEK_MS},
-            self.reports: {"retention.ms": WEEK_MS},
             self.deadletter: {"retention.ms": "-1", **LARGE},
         }
 

@@ -10,19 +10,17 @@ For every batch the order is fixed:
 4. only then are the input records acked, so Faust may commit their offsets.
 
 A kill -9 between 2 and 3 replays the batch from the old state: ``decide`` is pure and ids,
-times and sequence numbers derive from the cause, so the re-sent records are byte-identical
-copies that consumers drop by id. A kill between 3 and 4 replays records the saved state has
-already applied; the state records the offset it applied per input topic and ``step`` skips
-them. Nothing is skipped.
+times and sequence numbers derive from the cause and the state, so the re-sent records are
+byte-identical copies that consumers drop by id. A kill between 3 and 4 replays records the
+saved state has already applied; the state records the input offset it applied and ``step``
+skips them. Nothing is skipped.
 
-Known defect (seen once in ~12 clean CI runs of ``tests/e2e/test_faults.py``): the replay after
-a kill between 2 and 3 is identical only if the batch's records come back in the same order. An
-app's records arrive on two inputs (``inbound`` and ``reports``), and after a restart Faust may
-interleave the two partitions differently; a record then gets a sequence number (and a
-revision) that the first run already gave another record's output, so the log holds two events
-with one sequence. The fix is to make the decision durable before it is published: save the
-batch's outputs with the new state (step 3 before 2) and, on restart, re-send saved outputs
-instead of deciding their inputs again.
+The replay is identical only if it decides an app's records in the order the first run did.
+That is why streams has **one input topic**: requests, deliveries *and* the deployer's and
+dispatcher's reports all go to ``inbound``, keyed by app id, so an app's inputs are one
+partition in one order. (Until this was so, reports had their own topic; after a restart Faust
+could interleave an app's two partitions differently, and a record then took a sequence number
+and a revision the first run had already given another record's output.)
 
 Limit: with at-least-once nothing fences a *zombie* (a worker that stalls past its session
 timeout, loses its partitions, then wakes and writes once more); Kafka transactions would. A
@@ -43,11 +41,12 @@ from typing import Any, Protocol
 from shipline import codec
 from shipline.codec import InvalidRecord
 from shipline.topics import Topics
-from streams.decide import is_event, step
+from streams.decide import REPORT_TYPES, is_event, step
 from streams.state import AppState
 
 log = logging.getLogger("streams.agent")
 CONSUMER_NAME = "streams"
+INPUT = "inbound"  # the key of the input offset in ``AppState.positions`` (one input topic)
 
 Send = Callable[[str, bytes | None, bytes, list[tuple[str, bytes]] | None], Awaitable[Awaitable[Any]]]
 Seek = Callable[[str, int, int], Awaitable[None]]  # (topic, partition, offset): fetch again from there
@@ -78,9 +77,6 @@ class Sequencer:
         self.last_batch = 0.0  # time.monotonic() of the last batch handled
         self.next_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset expected
         self.checked: dict[tuple[str, int], int] = {}  # next_offsets when last checked for drops
-
-    def _role(self, topic: str) -> str:
-        return "reports" if topic == self.topics.reports else "inbound"
 
     async def _dead_letter(self, message: Any, reason: str, pending: list[Awaitable[Any]]) -> None:
         log.warning("dead-lettering %s/%s/%s: %s", message.topic, message.partition, message.offset, reason)
@@ -121,12 +117,12 @@ class Sequencer:
             if message.key != env.key:
                 await self._dead_letter(message, f"record key {message.key!r} is not the app id {env.key!r}", pending)
                 continue
-            if env.data.KIND == "command" or (env.data.KIND == "event" and message.topic != self.topics.reports):
-                await self._dead_letter(message, f"streams does not consume {env.type!r} here", pending)
+            if env.data.KIND == "command" or (env.data.KIND == "event" and env.type not in REPORT_TYPES):
+                await self._dead_letter(message, f"streams does not consume {env.type!r} records", pending)
                 continue
             state = touched.get(env.key) or self.store.get(env.key) or AppState(app_id=env.app_id)
             try:
-                new_state, outputs = step(state, env, self._role(message.topic), message.offset)
+                new_state, outputs = step(state, env, INPUT, message.offset)
             except Exception as exc:  # a bug for one record must not stop every app
                 log.exception("cannot decide %s", env.id)
                 await self._dead_letter(message, f"cannot decide: {exc!r}", pending)

@@ -1,4 +1,4 @@
-"""The Faust app: one deciding agent over ``inbound`` + ``reports``, per-app state in a table.
+"""The Faust app: one deciding agent over ``inbound``, per-app state in a table.
 
 ``create_app(settings)`` builds it (nothing is created at import time). Topics are raw bytes
 on both sides: our codec turns them into envelopes, Faust ``Record``s never touch the wire.
@@ -55,9 +55,8 @@ class AppStateTable(faust.Table):
         self._unacked: list[Any] = []
 
     def partition_for_key(self, key: Any) -> int:
-        """The key's murmur2 partition: the app id's partition in inbound and reports, whichever
-        input the change came from (computed here: the producer may not have the changelog's
-        metadata yet)."""
+        """The key's murmur2 partition: the app id's partition in inbound (computed here: the
+        producer may not have the changelog's metadata yet)."""
         return (murmur2(key) & 0x7FFFFFFF) % self.partitions
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
@@ -145,7 +144,9 @@ def create_app(
             partitions=settings.partitions,
         )
     )
-    source = app.topic(topics.inbound, topics.reports, key_serializer="raw", value_serializer="raw")
+    # one input topic: an app's requests, deliveries and reports in one partition, in one order
+    # (streams/agent.py explains why a replay depends on it)
+    source = app.topic(topics.inbound, key_serializer="raw", value_serializer="raw")
     outputs: Outputs | None = None
     if send is None:
         # the agent's outputs go through librdkafka (streams/outputs.py); the table's changelog
@@ -175,7 +176,7 @@ def create_app(
 
     @app.timer(HEAL_EVERY)
     async def refetch_dropped() -> None:
-        await refetch_dropped_records(app, sequencer, {topics.inbound, topics.reports})
+        await refetch_dropped_records(app, sequencer, {topics.inbound})
 
     return app
 

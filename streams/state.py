@@ -53,7 +53,8 @@ class AppState:
     waiting: int | None = None  # newest revision waiting for the in-flight one to finish
     live: int | None = None
     live_history: tuple[int, ...] = ()
-    # Highest offset applied per input topic role ("inbound" / "reports"). A record at or
+    # Highest offset applied per input topic ("inbound"; states saved when reports had their own
+    # topic may also hold a "reports" entry, which nothing reads any more). A record at or
     # below it was applied before a crash and must not be decided again.
     positions: dict[str, int] = field(default_factory=dict)
 

@@ -140,7 +140,7 @@ def bench_strategy(strategy: str, bootstrap: str, args: argparse.Namespace) -> d
     proc = subprocess.Popen([sys.executable, "-m", "deployer"], cwd=ROOT, env={**os.environ, **env},
                             stdout=log, stderr=log)
     producer = kafka.producer(bootstrap)
-    reports = Reports(bootstrap, topics.reports)
+    reports = Reports(bootstrap, topics.inbound)
 
     def send(msg: Message) -> float:
         kafka.send_sync(producer, topics.commands, wrap(msg, source="bench"))

@@ -155,7 +155,7 @@ class Load:
 
 
 class Reports:
-    """Reads the reports topic from the beginning and remembers everything."""
+    """Reads the inbound topic (where the deployer reports) from the beginning and remembers everything."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = kafka.consumer(bootstrap, f"reports-reader-{time.monotonic_ns()}", [topic])
@@ -310,7 +310,7 @@ def test_rolling_update_and_rollback_through_kafka_with_zero_failed_requests(
     runner = threading.Thread(target=service.run, daemon=True)
     runner.start()
     producer = kafka.producer(dsettings.bootstrap_servers)
-    reports = Reports(dsettings.bootstrap_servers, dsettings.topics.reports)
+    reports = Reports(dsettings.bootstrap_servers, dsettings.topics.inbound)
 
     def send(msg: Message) -> Envelope:
         env = command(msg)
@@ -475,7 +475,7 @@ def test_sigterm_cancels_a_long_build_and_stops_within_10_seconds(
     sha = repo.commit({"Dockerfile": f"FROM {BASE_IMAGE}\nRUN sleep 120\n"})
     proc = subprocess.Popen([sys.executable, "-m", "deployer"], cwd=ROOT, env=deployer_env(dsettings),
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "deployer.log", "wb"))
-    reports = Reports(dsettings.bootstrap_servers, dsettings.topics.reports)
+    reports = Reports(dsettings.bootstrap_servers, dsettings.topics.inbound)
     try:
         producer = kafka.producer(dsettings.bootstrap_servers)
         kafka.send_sync(producer, dsettings.topics.commands, command(BuildImage(

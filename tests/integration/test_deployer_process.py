@@ -105,7 +105,7 @@ def deployer_running(settings: Settings) -> Iterator[tuple[Callable[[Envelope], 
     runner = threading.Thread(target=DeployerService(settings, stop).run, daemon=True)
     runner.start()
     producer = kafka.producer(settings.bootstrap_servers)
-    reports = Reports(settings.bootstrap_servers, settings.topics.reports)
+    reports = Reports(settings.bootstrap_servers, settings.topics.inbound)
 
     def send(env: Envelope) -> Envelope:
         kafka.send_sync(producer, settings.topics.commands, env)
@@ -190,7 +190,7 @@ def test_kill_9_mid_rollout_then_restart_reconciles_to_one_revision(
         return subprocess.Popen([sys.executable, "-m", "deployer"], cwd=ROOT, env=env, stdout=logs, stderr=logs)
 
     producer = kafka.producer(s.bootstrap_servers)
-    reports = Reports(s.bootstrap_servers, s.topics.reports)
+    reports = Reports(s.bootstrap_servers, s.topics.inbound)
     first = start()
     second: subprocess.Popen[bytes] | None = None
     try:

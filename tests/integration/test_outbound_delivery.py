@@ -163,7 +163,7 @@ def _reports(settings: Any, count: int, timeout: float = 60) -> list[Any]:
     from shipline import kafka
 
     consumer = kafka.consumer(settings.bootstrap_servers, f"{settings.topic_prefix}-test-reports",
-                              [settings.topics.reports])
+                              [settings.topics.inbound])
     found: list[Any] = []
     deadline = time.monotonic() + timeout
     try:

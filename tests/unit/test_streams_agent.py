@@ -12,7 +12,7 @@ import pytest
 from shipline import codec
 from shipline.config import load
 from shipline.envelope import wrap
-from shipline.messages import DeliveryReceived, RegisterApp
+from shipline.messages import BuildFinished, DeliveryReceived, DeployHookCreated, RegisterApp
 from shipline.topics import Topics
 from streams.agent import Fatal, MemoryStore, Sequencer
 from streams.app import StateCodec, create_app
@@ -115,6 +115,63 @@ def test_a_batch_saves_each_app_once_with_the_offsets_it_applied() -> None:
     before = len(sent.sent)
     asyncio.run(seq.handle([Msg(topics.inbound, 11, b"5", push(5, "x"))]))  # replayed after a crash
     assert len(sent.sent) == before
+
+
+def built(app_id: int, build: int, commit: str) -> bytes:
+    """The deployer's report that a build succeeded (it travels on inbound, like every input)."""
+    return codec.encode(wrap(BuildFinished(app_id=app_id, build=build, commit=commit, status="succeeded", exit_code=0,
+                                           image_id="sha256:1", tags=[f"a{app_id}:{build}"], duration=1.0, log="",
+                                           log_path="/l"), source="shipline/deployer"))
+
+
+def test_reports_on_the_input_topic_are_decided_and_other_events_are_dead_lettered() -> None:
+    topics = Topics("u")
+    store, sent = MemoryStore(), Recorder()
+    forged = codec.encode(wrap(DeployHookCreated(app_id=5, hook_id="h", name="n", token_hash="x" * 64,
+                                                 token_prefix="x"), source="t"))
+    asyncio.run(Sequencer(topics, store, sent).handle([
+        Msg(topics.inbound, 0, b"5", register(5)), Msg(topics.inbound, 1, b"5", push(5, "d1")),
+        Msg(topics.inbound, 2, b"5", built(5, 1, "a" * 40)), Msg(topics.inbound, 3, b"5", forged)]))
+    events = [codec.decode(v) for _, _, v, _ in sent.on(topics.events)]
+    assert [e.type for e in events] == ["app.registered", "delivery.accepted", "build.queued", "build.finished",
+                                        "deploy.requested"]
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5]
+    assert [codec.decode(v).type for _, _, v, _ in sent.on(topics.commands)] == ["build.image", "deploy.release"]
+    (dead,) = sent.on(topics.deadletter)
+    assert dead[2] == forged  # only streams writes events: one arriving as input is refused, kept
+    assert "does not consume 'deploy_hook.created'" in dict(dead[3])["x-shipline-reason"].decode()
+    assert store.states[b"5"].positions == {"inbound": 2}  # a dead letter is not an applied input
+
+
+class UnsavedStore(MemoryStore):
+    """A table whose changelog write never lands: the process is killed after publishing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged: dict[bytes, AppState] = {}
+
+    def put(self, key: bytes, state: AppState) -> None:
+        self.staged[key] = state
+
+    async def flush(self) -> None:
+        raise RuntimeError("killed before the state was saved")
+
+
+def test_a_batch_published_but_not_saved_is_replayed_byte_for_byte() -> None:
+    """Kill between "outputs acked" and "state saved": the restart decides the same records, in the
+    same order (one input partition per app), from the same state, and re-sends the same bytes."""
+    topics = Topics("u")
+    batch = [Msg(topics.inbound, 0, b"5", register(5)), Msg(topics.inbound, 1, b"5", push(5, "d1")),
+             Msg(topics.inbound, 2, b"5", built(5, 1, "a" * 40)), Msg(topics.inbound, 3, b"5", push(5, "d2"))]
+    killed, first = UnsavedStore(), Recorder()
+    with pytest.raises(Fatal):
+        asyncio.run(Sequencer(topics, killed, first).handle(batch))
+    assert killed.states == {} and len(first.sent) == 10
+    store, again = MemoryStore(), Recorder()
+    asyncio.run(Sequencer(topics, store, again).handle(batch[:2]))  # Faust may batch the replay differently
+    asyncio.run(Sequencer(topics, store, again).handle(batch[2:]))
+    assert again.sent == first.sent
+    assert store.states[b"5"] == killed.staged[b"5"]
 
 
 def test_table_values_are_our_json() -> None:
