@@ -44,8 +44,9 @@ def web(settings):
     ctx.pool.close()
 
 
-def inbound(settings: Any, count: int, timeout: float = 30) -> list[Any]:
-    consumer = kafka.consumer(settings.bootstrap_servers, f"{settings.topic_prefix}-test-inbound",
+def inbound(settings: Any, count: int, timeout: float = 30, types: frozenset[str] | None = None) -> list[Any]:
+    """The first ``count`` records on inbound (of ``types``, when given) as (raw, envelope)."""
+    consumer = kafka.consumer(settings.bootstrap_servers, f"{settings.topic_prefix}-test-inbound-{time.monotonic_ns()}",
                               [settings.topics.inbound])
     found: list[Any] = []
     deadline = time.monotonic() + timeout
@@ -53,7 +54,9 @@ def inbound(settings: Any, count: int, timeout: float = 30) -> list[Any]:
         while len(found) < count and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is not None and not msg.error():
-                found.append((msg.value(), codec.decode(msg.value())))
+                env = codec.decode(msg.value())
+                if types is None or env.type in types:
+                    found.append((msg.value(), env))
     finally:
         consumer.close()
     return found

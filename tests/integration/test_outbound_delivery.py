@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -17,6 +16,7 @@ from outbound.testing import EventLog, Received, Receiver, Running, wait_until
 from shipline import codec
 from shipline.config import load
 from shipline.messages import BuildFinished, BuildQueued, Deployed, SubscriptionUpdated
+from tests.integration.test_outbound_api import inbound
 
 pytestmark = pytest.mark.integration
 
@@ -159,21 +159,9 @@ def test_retry_schedule_with_jitter_is_followed_and_retry_after_is_honoured(sett
         receiver.close()
 
 
-def _reports(settings: Any, count: int, timeout: float = 60) -> list[Any]:
-    from shipline import kafka
-
-    consumer = kafka.consumer(settings.bootstrap_servers, f"{settings.topic_prefix}-test-reports",
-                              [settings.topics.inbound])
-    found: list[Any] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(found) < count and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is not None and not msg.error():
-                found.append(codec.decode(msg.value()))
-    finally:
-        consumer.close()
-    return found
+def _reports(settings: Any, count: int) -> list[Any]:
+    """The dispatcher's reports, read from streams' input topic (where requests are too)."""
+    return [env for _, env in inbound(settings, count, timeout=60, types=frozenset({"subscription.disabled"}))]
 
 
 def _subscription(settings: Any, sid: str) -> tuple[Any, ...]:
