@@ -111,6 +111,8 @@ def create_app(
         # it is decided from, outputs are acked before the state is saved, the state records the
         # input offset it applied, and inputs are acked only after both (streams/agent.py): a
         # replay after a crash re-sends identical records, which every consumer dedupes by id.
+        # "Identical" also needs the replay to meet an app's records in the same order: that is
+        # why reports come in on the inbound topic too (one partition per app, one order).
         # exactly_once would need a transactional producer per partition from aiokafka and
         # read_committed consumers everywhere else (confluent in the ingress, deployer,
         # projector); its Faust implementation is the least exercised path on a Kafka 4.0
