@@ -29,14 +29,9 @@ class Topics:
 
     @property
     def inbound(self) -> str:
-        """Everything streams decides on, in one ordered log per app: accepted webhook deliveries
-        and management requests (ingress), and the outcomes the deployer and dispatcher report.
-
-        Reports share this topic (there is no separate reports topic) so that all of an app's
-        inputs sit in one partition in one order. A replay after a crash then decides them in the
-        order the first run did, which is what makes its re-sent outputs identical
-        (``streams/agent.py``); two input topics would be interleaved differently on each run.
-        """
+        """Everything streams decides on, one ordered log per app: accepted deliveries and
+        management requests (ingress) and outcome reports (deployer, dispatcher). One topic, so a
+        replay meets an app's inputs in the first run's order (``streams/agent.py``)."""
         return f"{self.prefix}.inbound"
 
     @property

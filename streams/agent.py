@@ -46,7 +46,6 @@ from streams.state import AppState
 
 log = logging.getLogger("streams.agent")
 CONSUMER_NAME = "streams"
-INPUT = "inbound"  # the key of the input offset in ``AppState.positions`` (one input topic)
 
 Send = Callable[[str, bytes | None, bytes, list[tuple[str, bytes]] | None], Awaitable[Awaitable[Any]]]
 Seek = Callable[[str, int, int], Awaitable[None]]  # (topic, partition, offset): fetch again from there
@@ -122,7 +121,7 @@ class Sequencer:
                 continue
             state = touched.get(env.key) or self.store.get(env.key) or AppState(app_id=env.app_id)
             try:
-                new_state, outputs = step(state, env, INPUT, message.offset)
+                new_state, outputs = step(state, env, message.offset)
             except Exception as exc:  # a bug for one record must not stop every app
                 log.exception("cannot decide %s", env.id)
                 await self._dead_letter(message, f"cannot decide: {exc!r}", pending)

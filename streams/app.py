@@ -146,8 +146,6 @@ def create_app(
             partitions=settings.partitions,
         )
     )
-    # one input topic: an app's requests, deliveries and reports in one partition, in one order
-    # (streams/agent.py explains why a replay depends on it)
     source = app.topic(topics.inbound, key_serializer="raw", value_serializer="raw")
     outputs: Outputs | None = None
     if send is None:

@@ -56,7 +56,7 @@ from shipline.messages import (
     WebhookTokenDisabled,
     WebhookTokenEnabled,
 )
-from streams.state import AppState, at_position, evolve, remember_input
+from streams.state import AppState, applied, at_position, evolve, remember_input
 
 SOURCE = "shipline/streams"
 GITHUB_SOURCES = ("github", "shipyard")
@@ -477,17 +477,15 @@ def input_id(env: Envelope) -> str | None:
     return getattr(env.data, "request_id", "") or env.id
 
 
-def step(state: AppState, env: Envelope, role: str | None = None, offset: int | None = None
-         ) -> tuple[AppState, list[Envelope]]:
+def step(state: AppState, env: Envelope, offset: int | None = None) -> tuple[AppState, list[Envelope]]:
     """Apply one input record: the new state and the outputs to publish (events sequenced).
 
-    ``role``/``offset`` locate the record in its input topic: a record at or below the offset
-    the state already applied was decided before a crash, and is skipped (its outputs were
-    published before that state was written).
+    ``offset`` locates the record in the input topic: a record at or below the offset the state
+    already applied was decided before a crash, and is skipped (its outputs were published
+    before that state was written).
     """
-    if role is not None and offset is not None:
-        if offset <= state.positions.get(role, -1):
-            return state, []
+    if offset is not None and offset <= applied(state):
+        return state, []
     key = input_id(env)
     if key is not None and key in state.inputs:
         outputs: list[Envelope] = []
@@ -500,6 +498,6 @@ def step(state: AppState, env: Envelope, role: str | None = None, offset: int | 
             outputs.append(item)
         if key is not None:
             state = remember_input(state, key)
-    if role is not None and offset is not None:
-        state = at_position(state, role, offset)
+    if offset is not None:
+        state = at_position(state, offset)
     return state, outputs

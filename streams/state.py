@@ -21,6 +21,7 @@ RECENT_DELIVERIES = 5000  # delivery ids remembered per app to answer redeliveri
 RECENT_INPUTS = 1000  # request / report ids remembered per app (the producers may retry)
 KEPT_REVISIONS = 1000  # revisions one can roll back to by number
 KEPT_LIVE = 100  # revisions that went live, newest last (rollback to "previous")
+INPUT = "inbound"  # the key of the applied input offset in ``AppState.positions`` (one input topic)
 
 # The app configuration every command carries (``BuildImage.app`` and friends).
 CONFIG_KEYS = (
@@ -90,8 +91,13 @@ def remember_input(state: AppState, input_id: str) -> AppState:
     return replace(state, inputs=_bounded(state.inputs, input_id, RECENT_INPUTS))
 
 
-def at_position(state: AppState, role: str, offset: int) -> AppState:
-    return replace(state, positions={**state.positions, role: offset})
+def applied(state: AppState) -> int:
+    """The highest input offset ``state`` has applied (-1: none)."""
+    return state.positions.get(INPUT, -1)
+
+
+def at_position(state: AppState, offset: int) -> AppState:
+    return replace(state, positions={**state.positions, INPUT: offset})
 
 
 # -------------------------------------------------------------------------------------- evolve

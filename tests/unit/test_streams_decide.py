@@ -472,24 +472,24 @@ def test_sequence_is_gap_free_across_every_kind_of_input() -> None:
 def test_deciding_again_from_the_same_state_yields_identical_records() -> None:
     state = live(1)
     d = push("again")
-    _, first = step(state, d, "inbound", 10)
-    _, second = step(state, d, "inbound", 10)
+    _, first = step(state, d, 10)
+    _, second = step(state, d, 10)
     assert [codec.encode(o) for o in first] == [codec.encode(o) for o in second]
 
 
 def test_a_record_the_saved_state_already_applied_is_skipped() -> None:
-    state, out = step(registered(), push("p1"), "inbound", 41)
+    state, out = step(registered(), push("p1"), 41)
     assert out and state.positions == {"inbound": 41}
-    same, again = step(state, push("p1"), "inbound", 41)
+    same, again = step(state, push("p1"), 41)
     assert again == [] and same == state
-    after, reported = step(state, finished(1), "inbound", 42)  # reports share the input topic
+    after, reported = step(state, finished(1), 42)  # reports share the input topic
     assert reported and after.positions == {"inbound": 42}
 
 
 def test_state_round_trips_through_our_json() -> None:
     state = live(1, 2)
     state, _ = run(state, hook(3), hook(4), push("p"))
-    state, _ = step(state, push("q"), "inbound", 99)
+    state, _ = step(state, push("q"), 99)
     assert from_json(to_json(state)) == state
     assert json.loads(to_json(state))["v"] == 1
 
