@@ -1,16 +1,20 @@
-"""The one way an inbound request is accepted: dedupe, produce, wait for the ack, then answer."""
+"""The one way an inbound request is accepted: dedupe, produce, wait for the ack, note, then answer.
+
+The delivery id goes into the host's index before the answer (a redelivery to any worker is a
+duplicate); its PostgreSQL row follows within ``ingress.notes.FLUSH_EVERY``.
+"""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
-import psycopg
 from flask import Response, jsonify, request
-from psycopg_pool import PoolTimeout
 
 from ingress.context import deps
 from ingress.deliveries import records
+from ingress.local_index import today
 from ingress.store import App
 
 log = logging.getLogger("ingress")
@@ -54,11 +58,13 @@ def accept(
     ingress = deps()
     ingress.send(envelopes)
     try:
-        ingress.store.record(envelopes)
-    except (psycopg.Error, PoolTimeout) as exc:
+        ingress.index.add([app.id for app in fresh], delivery, today())
+    except sqlite3.Error as exc:
         # The records are durable; only the ingress's own duplicate check misses them (streams
         # dedupes too), so the sender still gets its 2xx.
-        log.warning("accepted delivery %s but could not note it in the store: %s", delivery, type(exc).__name__)
+        log.warning("accepted delivery %s but could not note it in the local index: %s", delivery,
+                    type(exc).__name__)
+    ingress.notes.add(envelopes)
     ingress.pruner.poke()
     body = {"status": status, "delivery_id": delivery, "app_ids": [app.id for app in fresh], **(extra or {})}
     return jsonify(body), code

@@ -175,6 +175,7 @@ def webhook_status(app_id: str) -> Answer:
     app = _live_app(ingress, app_id)
     if app is None:
         return _no_app(app_id)
+    ingress.notes.flush(1.0)  # this process's deliveries' last_used_at (others' follow within 50 ms)
     token = ingress.store.webhook_token(app.id)
     return jsonify({
         "enabled": token is not None,

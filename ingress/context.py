@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ingress.credentials import Credentials
 from ingress.crypto import SecretBox
+from ingress.local_index import LocalIndex
+from ingress.notes import DeliveryNotes
 from ingress.publisher import Publisher
 from ingress.retention import Pruner
 from ingress.store import Store
@@ -24,6 +27,9 @@ class Ingress:
     box: SecretBox
     publisher: Publisher
     pruner: Pruner
+    index: LocalIndex
+    credentials: Credentials
+    notes: DeliveryNotes
 
     def send(self, envelopes: list[Envelope]) -> list[tuple[int, int]]:
         """Produce to the inbound topic and wait for every ack (raises ``NotDurable``)."""

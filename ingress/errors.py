@@ -1,9 +1,10 @@
 """How the ingress answers when it cannot accept: always JSON ``{"error": ...}``, never a 5xx
-other than 503 (retry later) for an unreachable Kafka or PostgreSQL."""
+other than 503 (retry later) for an unreachable Kafka or PostgreSQL, or an unusable host index."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import psycopg
 from flask import Blueprint, Response
@@ -36,6 +37,11 @@ def database_down(exc: Exception) -> Response:
     return unavailable("not accepted: the credentials store is unavailable; retry later")
 
 
+def index_down(exc: Exception) -> Response:
+    log.warning("the host's delivery index is unavailable: %s", type(exc).__name__)
+    return unavailable("not accepted: the ingress's delivery index is unavailable; retry later")
+
+
 def invalid(exc: Invalid) -> Response:
     return error(400, exc.message, field=exc.field)
 
@@ -48,5 +54,6 @@ def install(bp: Blueprint) -> None:
     bp.register_error_handler(NotDurable, not_durable)
     bp.register_error_handler(psycopg.OperationalError, database_down)
     bp.register_error_handler(PoolTimeout, database_down)
+    bp.register_error_handler(sqlite3.Error, index_down)
     bp.register_error_handler(Invalid, invalid)
     bp.register_error_handler(BadDeliveryId, bad_delivery_id)

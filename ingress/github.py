@@ -64,7 +64,7 @@ def github_app(app_id: str) -> Answer:
     raw = request.get_data(cache=True)
     number = app_id_of(app_id)
     delivery = delivery_id(request.headers)
-    app = deps().store.app(number, delivery) if number is not None else None
+    app = deps().credentials.app(number, delivery) if number is not None else None
     if app is None:
         return error(404, f"no app with id {app_id[:40]!r}")
     header = request.headers.get(SIGNATURE)
@@ -102,7 +102,7 @@ def shipyard() -> Answer:
     doc = json_body()
     delivery = delivery_id(request.headers)
     keys = payload_repo_keys(doc.get("repository"))
-    candidates = ingress.store.apps_by_repo(keys, delivery) if keys else []
+    candidates = ingress.credentials.apps_by_repo(keys, delivery) if keys else []
     header = request.headers.get(SIGNATURE)
     repo = _repo_name(doc)
     if header is not None:

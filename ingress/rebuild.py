@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from psycopg_pool import ConnectionPool
 
+from ingress.local_index import LocalIndex
 from ingress.store import HANDLERS, TABLES, Store
 from shipline import codec
 from shipline.config import Settings
@@ -94,4 +95,5 @@ def rebuild_store(pool: ConnectionPool, settings: Settings, envelopes: Iterable[
             f"SELECT setval('{s}.app_ids', GREATEST((SELECT max(id) FROM {s}.apps),"  # type: ignore[arg-type]
             f" (SELECT last_value FROM {s}.app_ids), 1))"
         )
+    LocalIndex.of(settings).bump()  # this host's ingress processes reload their snapshots now
     return applied

@@ -10,9 +10,11 @@ sequence is not in the log as such; a rebuild moves it past the highest app id f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -71,6 +73,30 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (2, "CREATE INDEX seen_deliveries_by_age ON seen_deliveries (received_at);"),
+    (
+        3,
+        # Every committed change to what verification reads bumps one counter in the same
+        # transaction, so a process holding a snapshot (ingress.credentials) learns of it with one
+        # cheap poll. It starts from the clock so a dropped and re-created schema never repeats a
+        # generation an old snapshot holds; last_used_at updates are not changes.
+        """
+        CREATE TABLE credentials_generation (n bigint NOT NULL);
+        INSERT INTO credentials_generation VALUES ((extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+        CREATE FUNCTION bump_credentials_generation() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            EXECUTE format('UPDATE %I.credentials_generation SET n = n + 1', TG_TABLE_SCHEMA);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER apps_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apps
+            FOR EACH STATEMENT EXECUTE FUNCTION bump_credentials_generation();
+        CREATE TRIGGER deploy_hooks_changed
+            AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF app_id, token_hash, deleted_at ON deploy_hooks
+            FOR EACH STATEMENT EXECUTE FUNCTION bump_credentials_generation();
+        CREATE TRIGGER webhook_tokens_changed
+            AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF app_id, token_hash ON webhook_tokens
+            FOR EACH STATEMENT EXECUTE FUNCTION bump_credentials_generation();
+        """,
+    ),
 ]
 TABLES = ("apps", "deploy_hooks", "webhook_tokens", "seen_deliveries")
 
@@ -89,12 +115,11 @@ class App:
     allow_unsigned: bool
     secret_encrypted: str | None
     token_hash: str | None  # the per-app webhook token, when enabled
-    seen: bool  # the delivery id asked about was already accepted for this app
+    seen: bool = False  # the delivery id asked about was already accepted for this app
 
 
-_APP_COLUMNS = """a.id, a.name, a.namespace, a.repo_key, a.branch, a.image, a.kind, a.allow_unsigned,
-    a.secret_encrypted, w.token_hash,
-    EXISTS (SELECT 1 FROM {s}.seen_deliveries d WHERE d.app_id = a.id AND d.delivery_id = %(delivery)s)"""
+_APP_FIELDS = """a.id, a.name, a.namespace, a.repo_key, a.branch, a.image, a.kind, a.allow_unsigned,
+    a.secret_encrypted, w.token_hash"""
 _APP_FROM = "FROM {s}.apps a LEFT JOIN {s}.webhook_tokens w ON w.app_id = a.id"
 
 # UpdateApp changes the store keeps (the rest of an app's configuration is streams' business).
@@ -103,31 +128,49 @@ _UPDATABLE = ("name", "namespace", "repo_url", "branch", "image", "kind", "allow
 Apply = Callable[[Any, psycopg.Connection[Any], Envelope], None]
 
 
+# Request records that change what verification reads (the rest only note deliveries).
+CREDENTIALS = frozenset({m.RegisterApp, m.UpdateApp, m.DeleteApp, m.CreateDeployHook, m.DeleteDeployHook,
+                         m.EnableWebhookToken, m.DisableWebhookToken})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every live app, webhook token and deploy hook, read in one consistent view."""
+
+    generation: int
+    apps: list[App]
+    hooks: list[tuple[str, str, int]]  # (hook id, token hash, app id)
+
+
 class Store:
-    def __init__(self, pool: ConnectionPool, schema: str) -> None:
+    def __init__(self, pool: ConnectionPool, schema: str, on_change: Callable[[], None] | None = None) -> None:
+        """``on_change`` runs after each commit that applied a credentials change (``CREDENTIALS``):
+        the ingress bumps its host's generation there (``ingress.local_index``)."""
         self.pool = pool
+        self.on_change = on_change
+        self._changed = threading.local()
         self.schema = validate_schema(schema)
         s = f'"{self.schema}"'
         self._s = s
-        select = f"SELECT {_APP_COLUMNS} {_APP_FROM}".format(s=s)
-        self._by_id = f"{select} WHERE a.id = %(id)s AND a.deleted_at IS NULL"
-        self._by_repo = f"{select} WHERE a.repo_key = ANY(%(keys)s) AND a.deleted_at IS NULL ORDER BY a.id"
-        self._by_name = (
-            f"{select} WHERE a.namespace = %(namespace)s AND a.name = %(name)s AND a.deleted_at IS NULL"
-            " ORDER BY a.id DESC LIMIT 1"
+        self._by_id = (
+            f"SELECT {_APP_FIELDS}, false {_APP_FROM} WHERE a.id = %(id)s AND a.deleted_at IS NULL".format(s=s)
         )
-        self._by_hook = (
-            f"SELECT h.hook_id, h.token_hash, {_APP_COLUMNS} {_APP_FROM} JOIN {s}.deploy_hooks h ON h.app_id = a.id"
-            " WHERE h.token_hash = %(hash)s AND h.deleted_at IS NULL AND a.deleted_at IS NULL"
-        ).format(s=s)
 
     def migrate(self) -> None:
         migrate(self.pool, self.schema, MIGRATIONS)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        self._changed.value = False
         with self.pool.connection() as conn, conn.transaction():
             yield conn
+        self._committed()
+
+    def _committed(self) -> None:
+        if getattr(self._changed, "value", False):
+            self._changed.value = False
+            if self.on_change is not None:
+                self.on_change()
 
     @contextmanager
     def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
@@ -149,26 +192,44 @@ class Store:
         with self._autocommit() as conn:
             return conn.execute(query, params).fetchone()  # type: ignore[arg-type]
 
-    def app(self, app_id: int, delivery_id: str = "") -> App | None:
-        row = self._one(self._by_id, {"id": app_id, "delivery": delivery_id})
-        return App(*row) if row else None
+    def snapshot(self) -> Snapshot:
+        s = self._s
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = conn.execute(f"SELECT n FROM {s}.credentials_generation").fetchone()  # type: ignore[arg-type]
+            apps = conn.execute(
+                f"SELECT {_APP_FIELDS}, false {_APP_FROM}"  # type: ignore[arg-type]
+                " WHERE a.deleted_at IS NULL ORDER BY a.id".format(s=s)
+            ).fetchall()
+            hooks = conn.execute(
+                f"SELECT hook_id, token_hash, app_id FROM {s}.deploy_hooks WHERE deleted_at IS NULL"  # type: ignore[arg-type]
+            ).fetchall()
+        assert row is not None
+        return Snapshot(int(row[0]), [App(*r) for r in apps], [(h, t, int(a)) for h, t, a in hooks])
 
-    def apps_by_repo(self, keys: list[str], delivery_id: str) -> list[App]:
-        keys = [k for k in keys if storable(k)]
-        if not keys:
-            return []
+    def generation(self) -> int:
         with self._autocommit() as conn:
-            rows = conn.execute(self._by_repo, {"keys": keys, "delivery": delivery_id}).fetchall()  # type: ignore[arg-type]
-        return [App(*row) for row in rows]
+            row = conn.execute(f"SELECT n FROM {self._s}.credentials_generation").fetchone()  # type: ignore[arg-type]
+        assert row is not None
+        return int(row[0])
 
-    def app_by_name(self, namespace: str, name: str, delivery_id: str) -> App | None:
-        row = self._one(self._by_name, {"namespace": namespace, "name": name, "delivery": delivery_id})
+    def seen_since(self, since: datetime) -> Iterator[tuple[int, str, datetime]]:
+        """Every delivery id accepted since ``since`` (to fill a host's new local index)."""
+        with self.pool.connection() as conn, conn.cursor(name="seen_since") as cur:
+            cur.execute(
+                f"SELECT app_id, delivery_id, received_at FROM {self._s}.seen_deliveries"  # type: ignore[arg-type]
+                " WHERE received_at >= %s",
+                (since,),
+            )
+            for app_id, delivery_id, at in cur:
+                yield int(app_id), delivery_id, at
+            conn.commit()
+
+    def app(self, app_id: int) -> App | None:
+        """A live app, read from the database (the management API's checks; webhooks read the
+        snapshot, ``ingress.credentials``)."""
+        row = self._one(self._by_id, {"id": app_id})
         return App(*row) if row else None
-
-    def hook_by_token(self, token_hash: str, delivery_id: str) -> tuple[str, str, App] | None:
-        """(hook id, stored hash, app) of a live deploy hook of a live app."""
-        row = self._one(self._by_hook, {"hash": token_hash, "delivery": delivery_id})
-        return (row[0], row[1], App(*row[2:])) if row else None
 
     def deploy_hook_app(self, hook_id: str) -> int | None:
         row = self._one(
@@ -208,12 +269,48 @@ class Store:
         """Apply acknowledged request records (each handler is one statement, so a single record
         needs no explicit transaction)."""
         if len(envelopes) == 1:
+            self._changed.value = False
             with self._autocommit() as conn:
                 self.apply(conn, envelopes[0])
+            self._committed()
             return
         with self.transaction() as conn:
             for env in envelopes:
                 self.apply(conn, env)
+
+    def note_deliveries(self, rows: list[tuple[int, str, str, str | None, bool]]) -> None:
+        """Note accepted deliveries in one transaction: (app id, delivery id, received at, deploy hook
+        id, used the app's webhook token). ``ingress.notes`` calls it with batches."""
+        s = self._s
+        rows = [r for r in rows if storable(r[1])]  # ingress.deliveries admits printable ids only
+        if not rows:
+            return
+        apps, ids, times = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        hooks: dict[str, str] = {}
+        tokens: dict[int, str] = {}
+        for app_id, _, at, hook_id, token in rows:
+            if hook_id is not None:
+                hooks[hook_id] = max(at, hooks.get(hook_id, at))
+            if token:
+                tokens[app_id] = max(at, tokens.get(app_id, at))
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(
+                f"INSERT INTO {s}.seen_deliveries (app_id, delivery_id, received_at)"  # type: ignore[arg-type]
+                " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) ON CONFLICT DO NOTHING",
+                (apps, ids, times),
+            )
+            if hooks:
+                conn.execute(
+                    f"UPDATE {s}.deploy_hooks h SET last_used_at = GREATEST(h.last_used_at, u.at)"  # type: ignore[arg-type]
+                    " FROM unnest(%s::text[], %s::timestamptz[]) AS u(hook_id, at) WHERE h.hook_id = u.hook_id",
+                    (list(hooks), list(hooks.values())),
+                )
+            if tokens:
+                conn.execute(
+                    f"UPDATE {s}.webhook_tokens w SET last_used_at = GREATEST(w.last_used_at, u.at)"  # type: ignore[arg-type]
+                    " FROM unnest(%s::bigint[], %s::timestamptz[]) AS u(app_id, at) WHERE w.app_id = u.app_id",
+                    (list(tokens), list(tokens.values())),
+                )
 
     def prune(self, days: float, batch: int = 10_000) -> int:
         """Forget delivery ids accepted more than ``days`` ago; returns how many.
@@ -228,6 +325,8 @@ class Store:
         handler = HANDLERS.get(type(env.data))
         if handler is not None:
             handler(self, conn, env)
+        if type(env.data) in CREDENTIALS:
+            self._changed.value = True
 
     def _register(self, conn: psycopg.Connection[Any], env: Envelope) -> None:
         msg: m.RegisterApp = env.data  # type: ignore[assignment]

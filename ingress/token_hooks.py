@@ -39,7 +39,7 @@ def skipper(namespace: str, name: str) -> Answer:
     ingress = deps()
     raw = request.get_data(cache=True)
     delivery = delivery_id(request.headers)
-    app = ingress.store.app_by_name(namespace, name, delivery)
+    app = ingress.credentials.app_by_name(namespace, name, delivery)
     if app is None:
         return error(404, f"no app named {name[:100]!r} in namespace {namespace[:100]!r}")
     token = _token(TOKEN_HEADERS)
@@ -70,7 +70,7 @@ def shipmight() -> Answer:
         return error(401, f"missing {HOOK_HEADER} header")
     delivery = delivery_id(request.headers)
     digest = token_hash(token)
-    found = ingress.store.hook_by_token(digest, delivery)
+    found = ingress.credentials.hook_by_token(digest, delivery)
     if found is None or not same_hash(digest, found[1]):
         return error(404, "deploy hook not found: the token is unknown or its hook was deleted")
     hook_id, _, app = found

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
 from flask import Flask
 
 from ingress import admin, github, openapi, token_hooks
 from ingress.context import Ingress
+from ingress.credentials import Credentials
 from ingress.crypto import SecretBox
+from ingress.local_index import LocalIndex, today
+from ingress.notes import DeliveryNotes
 from ingress.publisher import Publisher
 from ingress.retention import Pruner
 from ingress.store import Store
+
+log = logging.getLogger("ingress")
+
+
+def fill_index(index: LocalIndex, store: Store, days: float) -> None:
+    """A new index learns the delivery ids PostgreSQL holds (once per file)."""
+    since = datetime.now(UTC) - timedelta(days=days)
+
+    def rows() -> Iterator[tuple[int, str, int]]:
+        for app_id, delivery_id, at in store.seen_since(since):
+            yield app_id, delivery_id, today(at.timestamp())
+
+    loaded = index.fill(rows())
+    if loaded:
+        log.info("filled the host's delivery index with %d ids from PostgreSQL", loaded)
 
 
 def mount(app: Flask) -> None:
@@ -18,10 +40,14 @@ def mount(app: Flask) -> None:
     with app.app_context():
         ctx = current()
     settings = ctx.settings
-    store = Store(ctx.pool, settings.schema("ingress"))
+    index = LocalIndex.of(settings)
+    store = Store(ctx.pool, settings.schema("ingress"), on_change=index.bump)
     store.migrate()
+    fill_index(index, store, settings.dedupe_days)
     ctx.extras["ingress"] = Ingress(settings=settings, producer=ctx.producer, store=store,
                                     box=SecretBox(settings.secret_key), publisher=Publisher(ctx.producer),
-                                    pruner=Pruner(store, settings.dedupe_days))
+                                    pruner=Pruner(store, settings.dedupe_days, index=index), index=index,
+                                    credentials=Credentials(store, index, settings.dedupe_days),
+                                    notes=DeliveryNotes(store))
     for bp in (github.bp, token_hooks.bp, admin.bp, openapi.bp):
         app.register_blueprint(bp)

@@ -192,7 +192,13 @@ class Harness:
     def deliveries(self) -> list[Envelope]:
         return [e for e in self.envelopes() if isinstance(e.data, DeliveryReceived)]
 
+    def flush_notes(self) -> None:
+        """Wait for the accepted deliveries' rows (``ingress.notes`` writes them in the background)."""
+        if self.app is not None:
+            assert self.app.extensions["shipline"].extras["ingress"].notes.flush(10)
+
     def store_dump(self) -> str:
+        self.flush_notes()
         schema = self.settings.schema("ingress")
         with psycopg.connect(self.settings.db_url) as conn:
             parts = []

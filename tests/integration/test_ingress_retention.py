@@ -8,6 +8,7 @@ import uuid
 import psycopg
 import pytest
 
+from ingress.local_index import LocalIndex, today
 from ingress.retention import Pruner
 from tests.integration.test_ingress_kit import ingress, push_payload  # noqa: F401 - fixture
 
@@ -21,7 +22,10 @@ def test_old_delivery_ids_are_forgotten_and_young_ones_stay_duplicates(ingress):
     payload = push_payload()
     assert ingress.github(path, payload, secret, delivery=old).status_code == 201
     assert ingress.github(path, payload, secret, delivery=young).status_code == 201
+    ingress.flush_notes()
     schema = ingress.settings.schema("ingress")
+    index = LocalIndex.of(ingress.settings)
+    index._conn().execute("UPDATE seen SET day = day - 31 WHERE delivery_id = ?", (old,))
     with psycopg.connect(ingress.settings.db_url, autocommit=True) as conn:
         conn.execute(f'UPDATE "{schema}".seen_deliveries SET received_at = now() - interval \'31 days\''
                      " WHERE delivery_id = %s", (old,))
@@ -29,6 +33,7 @@ def test_old_delivery_ids_are_forgotten_and_young_ones_stay_duplicates(ingress):
     store = ingress.app.extensions["shipline"].extras["ingress"].store
     assert store.prune(30, batch=1) == 1  # batches of one: the loop ends on a short batch
     assert store.prune(30) == 0
+    assert index.prune(today() - 30) == 1 and index.prune(today() - 30) == 0
 
     again_old = ingress.github(path, payload, secret, delivery=old)
     assert again_old.status_code == 201, again_old.get_json()  # forgotten: published again
