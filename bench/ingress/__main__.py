@@ -1,7 +1,7 @@
 """``python -m bench.ingress [--seconds 60]``: signed GitHub pushes against the gunicorn-served
 ingress on the local Kafka and PostgreSQL, then the same load against a bare Flask endpoint in the
-same gunicorn configuration; prints throughput, p50/p99, the ratio, and the exactly-once count
-by delivery id read back from Kafka. Numbers only: nothing here asserts on speed.
+same gunicorn configuration, the two alternating in slices; prints throughput, p50/p99, the ratio,
+and the exactly-once count by delivery id read back from Kafka. Numbers only: nothing here asserts on speed.
 
 Kafka and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` when set, else our own
 ``shipline.infra`` servers under ``.shipline-bench/`` (stopped again if this run started them).
@@ -65,19 +65,38 @@ def _cpu_seconds(master: int) -> float:
     return total
 
 
-def _phase(label: str, master: int, port: int, make: load.Callable[[str], bytes], args: argparse.Namespace,
-           run_id: str) -> tuple[load.Result, float]:
-    cpu_before = _cpu_seconds(master)
-    result, seconds = load.run("127.0.0.1", port, make, clients=args.clients, warmup=args.warmup,
-                               seconds=args.seconds, label=f"{label[0]}{run_id}")
-    cpu = _cpu_seconds(master) - cpu_before
-    answered = sum(result.statuses.values())
-    rate = len(result.latencies) / seconds
-    p50, p99 = load.percentile(result.latencies, 50) * 1000, load.percentile(result.latencies, 99) * 1000
-    print(f"{label:<8} {rate:8.1f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   "
-          f"worker CPU {cpu / max(answered, 1) * 1000:5.2f} ms/req   "
-          f"statuses {dict(sorted(result.statuses.items()))}   client errors {result.errors}")
-    return result, rate
+class Phase:
+    """One target's load, summed over its slices."""
+
+    def __init__(self, label: str, master: int, port: int, make: load.Callable[[str], bytes]) -> None:
+        self.label, self.master, self.port, self.make = label, master, port, make
+        self.result = load.Result()
+        self.seconds = 0.0
+        self.cpu = 0.0
+
+    def slice(self, args: argparse.Namespace, run_id: str, index: int, seconds: float) -> None:
+        cpu_before = _cpu_seconds(self.master)
+        result, window = load.run("127.0.0.1", self.port, self.make, clients=args.clients, warmup=args.warmup,
+                                  seconds=seconds, label=f"{self.label[0]}{run_id}s{index}")
+        self.cpu += _cpu_seconds(self.master) - cpu_before
+        self.seconds += window
+        self.result.latencies.extend(result.latencies)
+        self.result.accepted.extend(result.accepted)
+        self.result.errors += result.errors
+        for code, count in result.statuses.items():
+            self.result.statuses[code] = self.result.statuses.get(code, 0) + count
+
+    @property
+    def rate(self) -> float:
+        return len(self.result.latencies) / self.seconds if self.seconds else 0.0
+
+    def report(self) -> None:
+        result = self.result
+        answered = sum(result.statuses.values())
+        p50, p99 = load.percentile(result.latencies, 50) * 1000, load.percentile(result.latencies, 99) * 1000
+        print(f"{self.label:<8} {self.rate:8.1f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   "
+              f"worker CPU {self.cpu / max(answered, 1) * 1000:5.2f} ms/req   "
+              f"statuses {dict(sorted(result.statuses.items()))}   client errors {result.errors}")
 
 
 def _exactly_once(bootstrap: str, topic: str, accepted: list[str]) -> None:
@@ -98,7 +117,8 @@ def _exactly_once(bootstrap: str, topic: str, accepted: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingress", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per phase")
-    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each slice")
+    parser.add_argument("--slices", type=int, default=4, help="alternating ingress / bare slices per phase")
     parser.add_argument("--clients", type=int, default=32, help="concurrent keep-alive connections")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("SHIPLINE_WEB_WORKERS", "2")))
     parser.add_argument("--threads", type=int, default=16, help="gthread threads per gunicorn worker")
@@ -126,7 +146,8 @@ def main() -> int:
         }
         stack.callback(_drop_schemas, db, prefix)
         linger = "app default" if args.linger_ms is None else args.linger_ms
-        print(f"ingress bench: {args.seconds:g} s per phase, {args.clients} clients, gunicorn {args.workers} "
+        print(f"ingress bench: {args.seconds:g} s per phase in {args.slices} alternating slices, "
+              f"{args.clients} clients, gunicorn {args.workers} "
               f"workers x {args.threads} threads (gthread), producer linger.ms {linger}, Kafka {bootstrap}, "
               f"{os.cpu_count()} cores shared with everything else running")
         factory = "ingress.serve:app_factory()" if args.linger_ms is None else \
@@ -140,16 +161,21 @@ def main() -> int:
 
         make = _request_maker(f"/api/v1/webhooks/github/{app['id']}", f"127.0.0.1:{port}", body,
                               {"X-Hub-Signature-256": signature(app["github_secret"], body)})
-        ingress_result, ingress_rate = _phase("ingress", master, port, make, args, run_id)
+        ingress = Phase("ingress", master, port, make)
 
         bare_port = free_port()
         bare_env = {**env, "SHIPLINE_HTTP": f"127.0.0.1:{bare_port}"}
         _, bare_master = gunicorn(stack, bare_env, BENCH / "bare.log", app="bench.ingress.bare:create()",
                                   threads=args.threads)
-        bare_make = _request_maker("/bare", f"127.0.0.1:{bare_port}", body, {})
-        _, bare_rate = _phase("bare", bare_master, bare_port, bare_make, args, run_id)
-        print(f"ratio    {ingress_rate / bare_rate if bare_rate else float('nan'):.2f} (ingress / bare Flask)")
-        _exactly_once(bootstrap, Topics(prefix).inbound, ingress_result.accepted)
+        bare = Phase("bare", bare_master, bare_port, _request_maker("/bare", f"127.0.0.1:{bare_port}", body, {}))
+        # alternate slices, so a machine that slows down or speeds up mid-run moves both alike
+        for i in range(args.slices):
+            for phase in (ingress, bare):
+                phase.slice(args, run_id, i, args.seconds / args.slices)
+        ingress.report()
+        bare.report()
+        print(f"ratio    {ingress.rate / bare.rate if bare.rate else float('nan'):.2f} (ingress / bare Flask)")
+        _exactly_once(bootstrap, Topics(prefix).inbound, ingress.result.accepted)
     return 0
 
 

@@ -52,16 +52,28 @@ def run(host: str, port: int, make_request: Callable[[str], bytes], *, clients: 
     start = time.monotonic()
     window_start, window_end = start + warmup, start + warmup + seconds
 
+    def connect() -> socket.socket | None:
+        try:
+            sock = socket.create_connection((host, port), timeout=30)
+        except OSError:
+            time.sleep(0.05)  # counted as a client error; the loop tries again
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def client(index: int) -> None:
         mine = Result()
-        sock = socket.create_connection((host, port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = connect()
         buf = bytearray()
         n = 0
         while True:
             now = time.monotonic()
             if now >= window_end:
                 break
+            if sock is None:
+                mine.errors += 1
+                sock = connect()
+                continue
             delivery = f"{label}-{index}-{n}"
             n += 1
             t0 = time.perf_counter()
@@ -71,7 +83,7 @@ def run(host: str, port: int, make_request: Callable[[str], bytes], *, clients: 
             except (OSError, ValueError):
                 mine.errors += 1
                 sock.close()
-                sock = socket.create_connection((host, port))
+                sock = connect()
                 buf = bytearray()
                 continue
             elapsed = time.perf_counter() - t0
@@ -80,7 +92,8 @@ def run(host: str, port: int, make_request: Callable[[str], bytes], *, clients: 
                 mine.accepted.append(delivery)
                 if now >= window_start:
                     mine.latencies.append(elapsed)
-        sock.close()
+        if sock is not None:
+            sock.close()
         with lock:
             result.latencies.extend(mine.latencies)
             result.accepted.extend(mine.accepted)
