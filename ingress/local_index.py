@@ -12,9 +12,9 @@ workers (WAL mode: readers never wait for the writer), holds two things:
 Measured (bench.ingress): one PostgreSQL round trip per request halved the ingress's throughput
 on this 2-core machine; these lookups cost a few microseconds in-process. PostgreSQL stays the
 durable record (``seen_deliveries`` is written in batches by ``ingress.notes``) and the file is
-only a cache: when it is new it is filled from PostgreSQL (``fill``), and it can be deleted
-while the ingress is stopped. ``synchronous=NORMAL`` in WAL mode loses nothing when a process
-dies, only the last commits on power loss; a delivery id lost that way is published again and
+only a cache: when it is new, or was filled for another store, it is filled from PostgreSQL
+(``fill``), and it can be deleted while the ingress is stopped. ``synchronous=NORMAL`` in WAL
+mode loses nothing when a process dies, only the last commits on power loss; a delivery id lost that way is published again and
 streams, which remembers each app's recent deliveries, records it as a duplicate.
 """
 
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (app_id, delivery_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_by_day ON seen (day);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 BUSY_MS = 10_000  # a writer holds the file's lock for microseconds; this only bounds a stuck one
@@ -113,25 +113,31 @@ class LocalIndex:
     def prune(self, before_day: int) -> int:
         return self._conn().execute("DELETE FROM seen WHERE day < ?", (before_day,)).rowcount
 
-    def fill(self, rows: Iterable[tuple[int, str, int]]) -> int:
-        """Fill a new index from PostgreSQL's accepted deliveries, once per file: the first process
-        to take the write lock loads them, the others find the mark and skip. Returns rows loaded."""
+    def fill(self, store: str, rows: Iterable[tuple[int, str, int]]) -> int:
+        """Fill the index from the accepted deliveries of ``store`` (its identity in PostgreSQL), once:
+        the first process to take the write lock loads them, the others find the mark and skip. An
+        index filled for another store (the schema was dropped and made again, so app ids start
+        at 1 again) is emptied first: its ids would turn new deliveries into false duplicates.
+        Returns how many rows were loaded."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("SELECT 1 FROM meta WHERE key = 'filled'").fetchone():
+            row = conn.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()
+            if row is not None and row[0] == store:
                 conn.execute("COMMIT")
                 return 0
+            conn.execute("DELETE FROM seen")
             loaded = 0
             batch: list[tuple[int, str, int]] = []
-            for row in rows:
-                batch.append(row)
+            for item in rows:
+                batch.append(item)
                 if len(batch) >= 10_000:
                     conn.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", batch)
                     loaded, batch = loaded + len(batch), []
             conn.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", batch)
             loaded += len(batch)
-            conn.execute("INSERT INTO meta VALUES ('filled', 1)")
+            conn.execute("INSERT INTO meta VALUES ('store', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
+                         (store,))
             conn.execute("COMMIT")
             return loaded
         except BaseException:

@@ -97,6 +97,9 @@ MIGRATIONS: list[tuple[int, str]] = [
             FOR EACH STATEMENT EXECUTE FUNCTION bump_credentials_generation();
         """,
     ),
+    # Who this store is: a host's index of accepted deliveries (ingress.local_index) belongs to
+    # one store, and a dropped and re-created schema, whose app ids start again at 1, is another.
+    (4, "CREATE TABLE identity (id text NOT NULL); INSERT INTO identity VALUES (gen_random_uuid()::text);"),
 ]
 TABLES = ("apps", "deploy_hooks", "webhook_tokens", "seen_deliveries")
 
@@ -212,6 +215,12 @@ class Store:
             row = conn.execute(f"SELECT n FROM {self._s}.credentials_generation").fetchone()  # type: ignore[arg-type]
         assert row is not None
         return int(row[0])
+
+    def identity(self) -> str:
+        with self._autocommit() as conn:
+            row = conn.execute(f"SELECT id FROM {self._s}.identity").fetchone()  # type: ignore[arg-type]
+        assert row is not None
+        return str(row[0])
 
     def seen_since(self, since: datetime) -> Iterator[tuple[int, str, datetime]]:
         """Every delivery id accepted since ``since`` (to fill a host's new local index)."""

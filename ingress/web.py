@@ -22,14 +22,14 @@ log = logging.getLogger("ingress")
 
 
 def fill_index(index: LocalIndex, store: Store, days: float) -> None:
-    """A new index learns the delivery ids PostgreSQL holds (once per file)."""
+    """A new index learns the delivery ids PostgreSQL holds (once per file and store)."""
     since = datetime.now(UTC) - timedelta(days=days)
 
     def rows() -> Iterator[tuple[int, str, int]]:
         for app_id, delivery_id, at in store.seen_since(since):
             yield app_id, delivery_id, today(at.timestamp())
 
-    loaded = index.fill(rows())
+    loaded = index.fill(store.identity(), rows())
     if loaded:
         log.info("filled the host's delivery index with %d ids from PostgreSQL", loaded)
 

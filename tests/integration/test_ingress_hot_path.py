@@ -102,3 +102,28 @@ def test_another_host_sees_changes_within_the_poll_bound_and_fills_its_index(set
             time.sleep(0.1)
     finally:
         _close(host2)
+
+
+def test_a_recreated_store_does_not_inherit_the_host_index(settings, ingress):  # noqa: F811
+    """Drop the ingress schema and start again on the same data dir: app ids start at 1 again, so
+    the old index's delivery ids must not make the new app's deliveries duplicates."""
+    first = ingress.register(image="ghcr.io/acme/shop")
+    hook = ingress.deploy_hook(first["id"])
+    assert _dh(ingress, hook["token"], "ci-run-1").status_code == 201
+    ingress.flush_notes()
+    with psycopg.connect(settings.db_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{settings.schema("ingress")}" CASCADE')
+
+    restarted = make_harness(settings)
+    try:
+        again = restarted.remember(restarted.client.post("/api/v1/apps", json={"name": "shop2", "namespace": "acme",
+                                                                               "image": "ghcr.io/acme/shop"},
+                                                         headers=restarted.admin).get_json())
+        assert again["id"] == first["id"]  # the same app id, another app
+        new_hook = restarted.remember(restarted.client.post(f"/api/v1/apps/{again['id']}/deploy-hooks",
+                                                            json={"name": "ci"}, headers=restarted.admin).get_json())
+        fresh = _dh(restarted, new_hook["token"], "ci-run-1")
+        assert fresh.status_code == 201, fresh.get_json()
+        ingress.secrets.extend(restarted.secrets)
+    finally:
+        _close(restarted)

@@ -87,20 +87,23 @@ def test_index_window_and_prune(tmp_path):
     assert index.seen([1], "old", today() - 1) == {1}
 
 
-def test_index_fills_from_the_database_once_per_file(tmp_path):
+def test_index_fills_from_the_database_once_per_file_and_store(tmp_path):
     index = LocalIndex(tmp_path / "i.sqlite3")
     asked = []
 
-    def rows(n: int):
+    def rows(n: int, prefix: str = "d"):
         asked.append(n)
         for i in range(n):
-            yield 3, f"d{i}", today()
+            yield 3, f"{prefix}{i}", today()
 
-    assert index.fill(rows(25_000)) == 25_000
+    assert index.fill("store-a", rows(25_000)) == 25_000
     assert index.seen([3], "d24999", today() - 1) == {3}
     other = LocalIndex(tmp_path / "i.sqlite3")  # another worker starting on the same host
-    assert other.fill(rows(5)) == 0
+    assert other.fill("store-a", rows(5)) == 0
     assert asked == [25_000]  # the second fill never read the database
+    # the schema was dropped and made again: app 3 is a new app, the old ids must not be duplicates
+    assert other.fill("store-b", rows(2, prefix="new")) == 2
+    assert index.seen([3], "d0", 0) == set() and index.seen([3], "new1", 0) == {3}
 
 
 def test_index_fill_that_fails_leaves_it_unfilled(tmp_path):
@@ -111,9 +114,9 @@ def test_index_fill_that_fails_leaves_it_unfilled(tmp_path):
         raise psycopg.OperationalError("gone")
 
     with pytest.raises(psycopg.OperationalError):
-        index.fill(broken())
+        index.fill("s", broken())
     assert index.seen([1], "a", 0) == set()
-    assert index.fill(iter([(1, "b", today())])) == 1
+    assert index.fill("s", iter([(1, "b", today())])) == 1
 
 
 # ------------------------------------------------------------------------- credentials view
