@@ -14,8 +14,9 @@ on this 2-core machine; these lookups cost a few microseconds in-process. Postgr
 durable record (``seen_deliveries`` is written in batches by ``ingress.notes``) and the file is
 only a cache: when it is new, or was filled for another store, it is filled from PostgreSQL
 (``fill``), and it can be deleted while the ingress is stopped. ``synchronous=NORMAL`` in WAL
-mode loses nothing when a process dies, only the last commits on power loss; a delivery id lost that way is published again and
-streams, which remembers each app's recent deliveries, records it as a duplicate.
+mode loses nothing when a process dies, only the last commits on power loss; a delivery id lost
+that way is published again and streams, which remembers each app's recent deliveries, records
+it as a duplicate.
 """
 
 from __future__ import annotations
