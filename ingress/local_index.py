@@ -1,6 +1,6 @@
 """What every ingress process on this host must agree on at once, without a database round trip.
 
-One SQLite file per ingress schema under ``<SHIPLINE_DATA_DIR>/run/``, shared by the gunicorn
+One SQLite file per ingress schema under ``<SHIPLINE_DATA_DIR>/ingress/``, shared by the gunicorn
 workers (WAL mode: readers never wait for the writer), holds two things:
 
 - the **delivery ids accepted** here (per app, with the day accepted), written before the 2xx
@@ -57,7 +57,7 @@ class LocalIndex:
     @classmethod
     def of(cls, settings: Settings) -> LocalIndex:
         """The host's index of the settings' ingress schema."""
-        return cls(settings.data_dir / "run" / f"ingress-{settings.schema('ingress')}.sqlite3")
+        return cls(settings.data_dir / "ingress" / f"index-{settings.schema('ingress')}.sqlite3")
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use and again in a forked child."""
