@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL) WITHOUT R
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 BUSY_MS = 10_000  # a writer holds the file's lock for microseconds; this only bounds a stuck one
+FILL_WAIT_MS = 600_000  # a worker starting while another fills the index from millions of rows
 
 
 def today(at: float | None = None) -> int:
@@ -121,7 +122,11 @@ class LocalIndex:
         at 1 again) is emptied first: its ids would turn new deliveries into false duplicates.
         Returns how many rows were loaded."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"PRAGMA busy_timeout = {FILL_WAIT_MS}")  # another worker may be filling it
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()
             if row is not None and row[0] == store:
