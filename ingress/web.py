@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask
 
 from ingress import admin, github, openapi, token_hooks
 from ingress.context import Ingress
-from ingress.credentials import Credentials
+from ingress.credentials import POLL_EVERY, Credentials
 from ingress.crypto import SecretBox
 from ingress.local_index import LocalIndex, today
 from ingress.notes import DeliveryNotes
@@ -34,6 +35,20 @@ def fill_index(index: LocalIndex, store: Store, days: float) -> None:
         log.info("filled the host's delivery index with %d ids from PostgreSQL", loaded)
 
 
+def announcer(index: LocalIndex) -> Callable[[], None]:
+    """``Store.on_change``: tell the host's workers. The change is committed by then, so a failure
+    here must not fail the request; the other workers then see it within the poll bound."""
+
+    def changed() -> None:
+        try:
+            index.bump()
+        except sqlite3.Error as exc:
+            log.warning("credentials changed but the host index could not say so (%s); other workers "
+                        "see it within %g s", type(exc).__name__, POLL_EVERY)
+
+    return changed
+
+
 def mount(app: Flask) -> None:
     from shipline.web import current
 
@@ -41,7 +56,7 @@ def mount(app: Flask) -> None:
         ctx = current()
     settings = ctx.settings
     index = LocalIndex.of(settings)
-    store = Store(ctx.pool, settings.schema("ingress"), on_change=index.bump)
+    store = Store(ctx.pool, settings.schema("ingress"), on_change=announcer(index))
     store.migrate()
     fill_index(index, store, settings.dedupe_days)
     ctx.extras["ingress"] = Ingress(settings=settings, producer=ctx.producer, store=store,

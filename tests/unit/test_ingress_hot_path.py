@@ -248,3 +248,11 @@ def test_notes_survive_database_errors_and_lose_nothing(caplog):
     assert notes.flush(10)
     assert [r[1] for batch in sink.batches for r in batch] == [f"d{i}" for i in range(50)]
     assert "could not note 50 accepted deliveries: OperationalError; retrying" in caplog.text
+
+
+def test_a_committed_change_is_not_failed_by_an_unusable_host_index(tmp_path, caplog):
+    from ingress.web import announcer
+
+    (tmp_path / "dir.sqlite3").mkdir()  # not a database: every statement fails
+    announcer(LocalIndex(tmp_path / "dir.sqlite3"))()
+    assert "credentials changed but the host index could not say so (OperationalError)" in caplog.text
