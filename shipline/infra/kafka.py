@@ -48,7 +48,7 @@ from types import FrameType
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from shipline.infra.files import file_lock
+from shipline.infra.files import file_lock, pid_alive
 
 KAFKA_VERSION = "4.0.2"
 SCALA_VERSION = "2.13"
@@ -220,16 +220,6 @@ def _tail(path: Path, n: int = 3000) -> str:
     return data[-n:].decode("utf-8", "replace")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --------------------------------------------------------------------------- broker
 
 
@@ -312,7 +302,7 @@ class LocalKafka:
         """The JVM's pid if this object runs (or took over) the broker of its data dir."""
         if self._proc is not None and self._proc.poll() is None:
             return self._proc.pid
-        if self._orphan_pid is not None and _pid_alive(self._orphan_pid):
+        if self._orphan_pid is not None and pid_alive(self._orphan_pid):
             return self._orphan_pid
         return None
 
@@ -537,7 +527,7 @@ class LocalKafka:
         """Block until the broker answers a metadata request; raise if it dies or times out."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._orphan_pid is not None and not _pid_alive(self._orphan_pid):
+            if self._orphan_pid is not None and not pid_alive(self._orphan_pid):
                 raise RuntimeError(f"Kafka pid {self._orphan_pid} exited.\n{_tail(self.log_path)}")
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(
@@ -582,12 +572,12 @@ class LocalKafka:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            while _pid_alive(pid):
+            while pid_alive(pid):
                 time.sleep(0.05)
 
     def _stop_at_exit(self) -> None:

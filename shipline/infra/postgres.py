@@ -45,6 +45,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg import errors, sql
 
+from shipline.infra.files import pid_alive
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LocalPostgres", "pg_bin_dir"]
@@ -79,21 +81,6 @@ def pg_bin_dir() -> Path:
     if not (bin_dir / "postgres").exists():
         raise RuntimeError(f"no postgres binary in {bin_dir}")
     return bin_dir
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _is_postgres_process(pid: int) -> bool | None:
@@ -161,7 +148,7 @@ class LocalPostgres:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc.pid
         pid = self._lockfile_pid()
-        if pid is not None and _pid_alive(pid) and _is_postgres_process(pid) is not False:
+        if pid is not None and pid_alive(pid) and _is_postgres_process(pid) is not False:
             return pid
         return None
 
@@ -452,7 +439,7 @@ class LocalPostgres:
         pid = self._lockfile_pid()
         if pid is None or not Path(f"/proc/{pid}").exists():
             return None
-        if _pid_alive(pid) and _is_postgres_process(pid) is not False:
+        if pid_alive(pid) and _is_postgres_process(pid) is not False:
             try:
                 cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
             except OSError:
@@ -553,10 +540,10 @@ class LocalPostgres:
                     return False
             end = time.monotonic() + seconds
             while time.monotonic() < end:
-                if not _pid_alive(pid):
+                if not pid_alive(pid):
                     return True
                 time.sleep(0.05)
-            return not _pid_alive(pid)
+            return not pid_alive(pid)
 
         for sig, seconds in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
             try:
