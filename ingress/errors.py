@@ -11,6 +11,7 @@ from flask import Blueprint, Response
 from psycopg_pool import PoolTimeout
 
 from ingress.deliveries import BadDeliveryId
+from ingress.local_index import GenerationUnavailable
 from ingress.validation import Invalid
 from shipline.kafka import NotDurable
 from shipline.web import error
@@ -55,5 +56,6 @@ def install(bp: Blueprint) -> None:
     bp.register_error_handler(psycopg.OperationalError, database_down)
     bp.register_error_handler(PoolTimeout, database_down)
     bp.register_error_handler(sqlite3.Error, index_down)
+    bp.register_error_handler(GenerationUnavailable, index_down)
     bp.register_error_handler(Invalid, invalid)
     bp.register_error_handler(BadDeliveryId, bad_delivery_id)

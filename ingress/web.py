@@ -13,7 +13,7 @@ from ingress import admin, github, openapi, token_hooks
 from ingress.context import Ingress
 from ingress.credentials import POLL_EVERY, Credentials
 from ingress.crypto import SecretBox
-from ingress.local_index import LocalIndex, today
+from ingress.local_index import GenerationUnavailable, LocalIndex, today
 from ingress.notes import DeliveryNotes
 from ingress.publisher import Publisher
 from ingress.retention import Pruner
@@ -42,7 +42,7 @@ def announcer(index: LocalIndex) -> Callable[[], None]:
     def changed() -> None:
         try:
             index.bump()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, GenerationUnavailable) as exc:
             log.warning("credentials changed but the host index could not say so (%s); other workers "
                         "see it within %g s", type(exc).__name__, POLL_EVERY)
 

@@ -75,6 +75,27 @@ def test_index_is_shared_by_processes_on_the_host(tmp_path):
     assert index.generation() == 1
 
 
+def _bump_many(path: str, times: int) -> None:
+    index = LocalIndex(__import__("pathlib").Path(path))
+    for _ in range(times):
+        index.bump()
+
+
+def test_generation_bumps_from_many_processes_are_never_lost(tmp_path):
+    path = tmp_path / "i.sqlite3"
+    index = LocalIndex(path)
+    assert index.generation() == 0  # mapped before the others write: it sees their bumps live
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_bump_many, args=(str(path), 100)) for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    assert index.generation() == 400
+    assert LocalIndex(path).generation() == 400  # and a process started later reads the same file
+
+
 def test_index_window_and_prune(tmp_path):
     index = LocalIndex(tmp_path / "i.sqlite3")
     index.add([1, 2], "old", today() - 40)
@@ -254,5 +275,6 @@ def test_a_committed_change_is_not_failed_by_an_unusable_host_index(tmp_path, ca
     from ingress.web import announcer
 
     (tmp_path / "dir.sqlite3").mkdir()  # not a database: every statement fails
+    (tmp_path / "dir.sqlite3.generation").mkdir()  # and no counter can be mapped
     announcer(LocalIndex(tmp_path / "dir.sqlite3"))()
-    assert "credentials changed but the host index could not say so (OperationalError)" in caplog.text
+    assert "credentials changed but the host index could not say so (GenerationUnavailable)" in caplog.text

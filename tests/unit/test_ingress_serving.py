@@ -45,3 +45,47 @@ def test_openapi_document_merges_other_services_paths():
                              "schemas": {"X": {"type": "object"}}}])
     assert set(doc["paths"]["/api/v1/apps"]) == {"get", "post"} and "X" in doc["components"]["schemas"]
     assert set(openapi.DOCUMENT["paths"]["/api/v1/apps"]) == {"post"}
+
+
+def test_json_bodies_decode_as_the_standard_library_decides():
+    """orjson first for speed; what it refuses, ``json`` still judges (so nothing newly becomes a 400)."""
+    from shipline.web import json_body
+
+    app = Flask("probe")
+    cases = {
+        b'{"ref": "refs/heads/main", "n": 1.5}': {"ref": "refs/heads/main", "n": 1.5},
+        b'{"big": 123456789012345678901234567890}': {"big": 123456789012345678901234567890},
+        b'{"x": NaN}': "nan",
+        b'\xef\xbb\xbf{"bom": true}': {"bom": True},
+        '{"utf16": 1}'.encode("utf-16"): {"utf16": 1},
+    }
+    for raw, expected in cases.items():
+        with app.test_request_context("/", method="POST", data=raw, content_type="application/json"):
+            doc = json_body()
+            if expected == "nan":
+                assert doc["x"] != doc["x"]
+            else:
+                assert doc == expected
+    for raw in (b"{", b"[1]", b'{"a": "\xff"}'):
+        with app.test_request_context("/", method="POST", data=raw, content_type="application/json"):
+            with pytest.raises(Exception) as caught:
+                json_body()
+            assert getattr(caught.value, "code", None) == 400
+
+
+def test_the_session_serializer_is_made_once_per_key():
+    from shipline.web import CachedSerializerSessions
+
+    app = Flask("probe")
+    app.secret_key = "one"
+    sessions = CachedSerializerSessions()
+    first = sessions.get_signing_serializer(app)
+    assert first is not None and sessions.get_signing_serializer(app) is first
+    token = first.dumps({"csrf": "t"})
+    app.secret_key = "two"  # a new key: a new serializer, which refuses cookies signed with the old one
+    second = sessions.get_signing_serializer(app)
+    assert second is not first and second is not None
+    with pytest.raises(Exception, match="Signature"):
+        second.loads(token)
+    app.config["SECRET_KEY_FALLBACKS"] = ["one"]  # unless the old key is a fallback
+    assert sessions.get_signing_serializer(app).loads(token) == {"csrf": "t"}
