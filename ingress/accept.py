@@ -10,18 +10,19 @@ import logging
 import sqlite3
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, request
 
 from ingress.context import deps
 from ingress.deliveries import records
 from ingress.local_index import today
 from ingress.store import App
+from shipline.web import json_response
 
 log = logging.getLogger("ingress")
 
 
 def duplicate(delivery: str) -> Response:
-    return jsonify({"status": "duplicate", "duplicate": True, "delivery_id": delivery})
+    return json_response({"status": "duplicate", "duplicate": True, "delivery_id": delivery})
 
 
 def accept(
@@ -35,7 +36,7 @@ def accept(
     code: int,
     hook_id: str | None = None,
     extra: dict[str, Any] | None = None,
-) -> tuple[Response, int] | Response:
+) -> Response:
     """Publish one ``delivery.received`` per app that has not seen ``delivery`` yet.
 
     Answers only after Kafka acknowledged every record; a delivery id every app has already
@@ -67,4 +68,4 @@ def accept(
     ingress.notes.add(envelopes)
     ingress.pruner.poke()
     body = {"status": status, "delivery_id": delivery, "app_ids": [app.id for app in fresh], **(extra or {})}
-    return jsonify(body), code
+    return json_response(body, code)

@@ -86,6 +86,18 @@ def test_delivery_ids_and_kept_headers_never_carry_tokens():
                "X-GitHub-Event": "push", "User-Agent": "GitHub-Hookshot/1"}
     assert kept_headers(headers) == {"User-Agent": "GitHub-Hookshot/1", "X-GitHub-Event": "push",
                                      "X-Hub-Signature-256": "sha256=00"}
+    # a request's own headers (read straight from its WSGI environ) keep exactly the same
+    from werkzeug.datastructures import EnvironHeaders, Headers
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(
+        method="POST", headers={**headers, "X-Forwarded-For": "203.0.113.9", "X-Request-Id": "r" * 2000},
+        data=b"{}", content_type="application/json").get_environ()
+
+    fast = kept_headers(EnvironHeaders(environ))
+    assert fast == kept_headers(Headers(list(EnvironHeaders(environ))))  # the general path, case-insensitive
+    assert fast["Content-Type"] == "application/json" and len(fast["X-Request-Id"]) == 1024
+    assert not {"Authorization", "X-Shipline-Token", "Cookie", "X-Deploy-Hook-Token"} & set(fast)
 
 
 def test_records_carry_the_exact_body_one_per_app():
