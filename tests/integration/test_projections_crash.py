@@ -14,20 +14,14 @@ import psycopg
 import pytest
 
 from projections.schema import checksum
-from tests.integration.test_projections_kit import Story, produce, projector, wait_caught_up
+from tests.integration.test_projections_kit import Story, produce, projector, pushes, wait_caught_up
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def story(apps: int = 150, cycles: int = 30) -> Story:
-    s = Story()
-    for app in range(1, apps + 1):
-        s.register(app, f"app{app}")
-    for cycle in range(1, cycles + 1):
-        for app in range(1, apps + 1):
-            s.push_to_deploy(app, cycle, cycle, f"gh-{app}-{cycle}")
-    return s
+    return pushes(apps, cycles)
 
 
 def folded(settings) -> int:

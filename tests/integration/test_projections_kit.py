@@ -126,6 +126,17 @@ class Story:
                            build=number)
 
 
+def pushes(apps: int, cycles: int) -> Story:
+    """``apps`` registered apps, each pushed and deployed ``cycles`` times, cycle by cycle."""
+    s = Story()
+    for app in range(1, apps + 1):
+        s.register(app, f"app{app}")
+    for cycle in range(1, cycles + 1):
+        for app in range(1, apps + 1):
+            s.push_to_deploy(app, cycle, cycle, f"gh-{app}-{cycle}")
+    return s
+
+
 # ------------------------------------------------------------------------------ kafka
 
 

@@ -28,7 +28,7 @@ from projections.rebuild import (
     swap_in,
 )
 from projections.schema import checksum
-from tests.integration.test_projections_kit import Story, produce, projector, rows, serve, wait_caught_up
+from tests.integration.test_projections_kit import Story, produce, projector, pushes, rows, serve, wait_caught_up
 
 pytestmark = pytest.mark.integration
 
@@ -36,13 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def story(apps: int = 20, cycles: int = 15) -> Story:
-    s = Story()
-    for app in range(1, apps + 1):
-        s.register(app, f"app{app}")
-    for cycle in range(1, cycles + 1):
-        for app in range(1, apps + 1):
-            s.push_to_deploy(app, cycle, cycle, f"gh-{app}-{cycle}")
-    return s
+    return pushes(apps, cycles)
 
 
 def live_checksum(settings) -> dict[str, str]:
