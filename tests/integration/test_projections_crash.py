@@ -14,14 +14,10 @@ import psycopg
 import pytest
 
 from projections.schema import checksum
-from tests.integration.test_projections_kit import Story, produce, projector, pushes, wait_caught_up
+from tests.integration.test_projections_kit import produce, projector, pushes, wait_caught_up
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def story(apps: int = 150, cycles: int = 30) -> Story:
-    return pushes(apps, cycles)
 
 
 def folded(settings) -> int:
@@ -35,7 +31,7 @@ def folded(settings) -> int:
 
 
 def test_kill_9_mid_stream_and_restart_leaves_tables_identical(settings, pg_schema, tmp_path) -> None:
-    s = story()
+    s = pushes(apps=150, cycles=30)
     produce(settings, s.envs)
     total = len(s.envs)
     env = {**os.environ, **settings.env, "PYTHONPATH": str(ROOT)}

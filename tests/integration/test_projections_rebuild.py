@@ -35,10 +35,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def story(apps: int = 20, cycles: int = 15) -> Story:
-    return pushes(apps, cycles)
-
-
 def live_checksum(settings) -> dict[str, str]:
     with psycopg.connect(settings.db_url, autocommit=True) as conn:
         return checksum(conn, settings.schema("projections"))
@@ -62,7 +58,7 @@ class Reader(threading.Thread):
 
 
 def test_rebuild_equals_live_and_swaps_in_while_the_api_answers(settings) -> None:
-    s = story()
+    s = pushes(apps=20, cycles=15)
     produce(settings, s.envs)
     with projector(settings), serve(settings):
         wait_caught_up(settings)
@@ -95,7 +91,7 @@ def test_rebuild_equals_live_and_swaps_in_while_the_api_answers(settings) -> Non
 
 
 def test_events_after_the_snapshot_are_folded_into_the_swapped_in_tables(settings) -> None:
-    first = story(apps=5, cycles=4)
+    first = pushes(apps=5, cycles=4)
     produce(settings, first.envs)
     with projector(settings):
         wait_caught_up(settings)
@@ -116,7 +112,7 @@ def test_events_after_the_snapshot_are_folded_into_the_swapped_in_tables(setting
 
 
 def test_a_rebuild_shared_out_over_worker_processes_equals_the_live_tables(settings) -> None:
-    s = story(apps=12, cycles=6)
+    s = pushes(apps=12, cycles=6)
     produce(settings, s.envs)
     with projector(settings):
         wait_caught_up(settings)
@@ -137,7 +133,7 @@ def test_a_rebuild_shared_out_over_worker_processes_equals_the_live_tables(setti
 
 
 def test_a_worker_that_fails_fails_the_rebuild_with_its_reason(settings) -> None:
-    s = story(apps=2, cycles=1)
+    s = pushes(apps=2, cycles=1)
     produce(settings, s.envs)
     fresh, _ = names(settings.schema("projections"))
     migrate_schema(settings, fresh)
@@ -163,7 +159,7 @@ _run_workers(settings, fresh, settings.topics.events, shares, 1000, 60.0, lambda
 
 
 def test_killing_a_parallel_rebuild_takes_its_workers_down_and_the_next_rebuild_is_whole(settings, tmp_path) -> None:
-    s = story(apps=12, cycles=6)
+    s = pushes(apps=12, cycles=6)
     produce(settings, s.envs)
     with projector(settings):
         wait_caught_up(settings)
