@@ -61,7 +61,11 @@ class Stack:
         return time.monotonic() - t0
 
     def remove(self) -> None:
-        """Stop the stack and its deployed apps, and delete its data dir."""
+        """Stop the stack and its deployed apps, and delete its data dir.
+
+        The stack's log goes to stdout first: pytest shows it only for a test that failed, and
+        it is the one record of what the services did."""
+        print(f"--- {self.data_dir / 'run' / 'stack.log'} (tail) ---\n{self.log_tail(200)}")
         self.cli("down", "--apps", timeout=90)
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
